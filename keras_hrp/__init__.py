@@ -1,0 +1,11 @@
+"""keras-hrp: High-Rank Preheating initialization for Keras 3 LoRA."""
+
+from keras_hrp.callbacks import HRPCallback
+from keras_hrp.layers import HRPDense
+from keras_hrp.linalg import svd_of_product
+from keras_hrp.switch import SwitchReport
+from keras_hrp.switch import WeightSnapshot
+from keras_hrp.switch import hrp_layers
+from keras_hrp.switch import switch_to_main
+
+__version__ = "0.1.0"

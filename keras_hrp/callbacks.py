@@ -1,0 +1,116 @@
+"""`HRPCallback`: High-Rank Preheating inside one ordinary `model.fit`."""
+
+import warnings
+
+import keras
+
+from keras_hrp.switch import WeightSnapshot
+from keras_hrp.switch import hrp_layers
+from keras_hrp.switch import switch_to_main
+
+
+class HRPCallback(keras.callbacks.Callback):
+    """Preheats HRP layers, switches them to their main rank, trains on.
+
+    The callback counts optimizer steps (`steps_per_execution` included) and
+    at the first batch end at or after `preheat_steps` calls
+    `keras_hrp.switch_to_main` on `self.model`: each HRP layer's new `A` is
+    taken from the top singular directions of its preheated delta, `B = 0`,
+    the adapter shrinks to its main rank, every other weight returns to its
+    value before preheating (`restore_weights=True`), and the optimizer and
+    compiled functions are rebuilt. Training goes on in the same `fit`.
+
+    Args:
+        preheat_steps: number of optimizer steps at the preheating rank.
+        restore_weights: roll back every other weight training changed
+            (heads, biases, normalization statistics) at the switch, so the
+            model's output right after it equals its output before
+            preheating.
+        verbose: `1` prints one line per switch, `0` is silent.
+
+    Attributes:
+        report: the `SwitchReport` of the switch (`None` before it): per
+            layer path, the preheated singular values and the fraction of
+            the delta's energy the kept directions capture.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((64,)),
+    ...     keras_hrp.HRPDense(64, rank=4, preheat_rank=32),
+    ... ])
+    >>> model.compile("adam", "mse")
+    >>> model.fit(x, y, epochs=3, callbacks=[keras_hrp.HRPCallback(50)])
+    """
+
+    def __init__(self, preheat_steps, restore_weights=True, verbose=1):
+        super().__init__()
+        if not isinstance(preheat_steps, int) or preheat_steps < 1:
+            raise ValueError(
+                "HRPCallback: `preheat_steps` must be a positive integer. "
+                f"Received: preheat_steps={preheat_steps!r}"
+            )
+        self.preheat_steps = preheat_steps
+        self.restore_weights = restore_weights
+        self.verbose = verbose
+        self.report = None
+        self._steps = 0
+        self._epoch_offset = 0
+        self._snapshot = None
+        self._active = False
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if not hrp_layers(model, phase="preheat"):
+            if hrp_layers(model):
+                warnings.warn(
+                    f"HRPCallback: model '{model.name}' is already switched to its "
+                    "main rank; the callback does nothing in this fit.",
+                    stacklevel=2,
+                )
+                self._active = False
+                return
+            raise ValueError(
+                f"HRPCallback: model '{model.name}' has no HRP-managed layer "
+                "(e.g. HRPDense with `rank` and `preheat_rank`). "
+                f"Received: layers={[layer.name for layer in model.layers]}"
+            )
+        self._active = True
+        if self.restore_weights and self._snapshot is None:
+            self._snapshot = WeightSnapshot(model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_offset = self._steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._active:
+            return
+        self._steps = self._epoch_offset + batch + 1
+        if self._steps < self.preheat_steps:
+            return
+        self.report = switch_to_main(self.model, self._snapshot)
+        self._snapshot = None
+        self._active = False
+        if self.verbose:
+            self._print_switch()
+
+    def on_train_end(self, logs=None):
+        if self._active:
+            warnings.warn(
+                f"HRPCallback: fit ended after {self._steps} steps, before "
+                f"preheat_steps={self.preheat_steps}; the HRP layers are still at "
+                "their preheating rank (a later fit with this callback goes on).",
+                stacklevel=2,
+            )
+
+    def _print_switch(self):
+        report = self.report
+        ranks = sorted({f"{s.from_rank}->{s.to_rank}" for s in report.values()})
+        energies = [s.energy for s in report.values() if not s.fallback]
+        energy = sum(energies) / len(energies) if energies else float("nan")
+        print(
+            f"\nHRPCallback: switched {len(report)} layers (rank {', '.join(ranks)}) "
+            f"at step {self._steps} in {report.seconds:.3f} s; mean energy kept "
+            f"{energy:.3f}; fallbacks: {len(report.fallbacks)}",
+            flush=True,
+        )

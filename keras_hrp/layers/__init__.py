@@ -1,0 +1,1 @@
+from keras_hrp.layers.hrp_dense import HRPDense

@@ -1,0 +1,233 @@
+"""The model-wide HRP switch: preheat rank R -> rank r.
+
+`snapshot_weights` records, before preheating, what training may change;
+`switch_to_main` re-initializes every preheated layer from its delta, rolls
+the rest back, and rebuilds the optimizer and the compiled functions.
+"""
+
+import dataclasses
+import gc
+import time
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_hrp import lora
+from keras_hrp.initializers import expected_norm
+from keras_hrp.initializers import preheated_a
+
+
+def hrp_layers(model, phase=None):
+    """The HRP-managed layers of `model` (optionally only those in `phase`)."""
+    found = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if getattr(layer, "hrp_phase", None) is not None
+    ]
+    return [layer for layer in found if phase is None or layer.hrp_phase == phase]
+
+
+def _is_adapter(layer, variable):
+    return getattr(layer, "hrp_phase", None) is not None and any(
+        variable is factor for factor in lora.lora_factors(layer)
+    )
+
+
+def _changing_variables(model):
+    """Variables training may change, minus HRP adapters and frozen weights."""
+    variables = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if not layer.trainable:
+            continue
+        frozen_base = getattr(layer, "lora_enabled", False)
+        for variable in layer._trainable_variables + layer._non_trainable_variables:
+            if _is_adapter(layer, variable):
+                continue
+            if frozen_base and not variable.trainable:
+                continue  # the frozen kernel (and scales) under a LoRA adapter
+            variables.append(variable)
+    return variables
+
+
+class WeightSnapshot:
+    """Host copy of the weights that preheating may change, for roll back.
+
+    Holds the trainable variables (except the HRP adapters) and the state of
+    trainable layers updated without gradients (e.g. normalization
+    statistics). Frozen weights are not copied, so a frozen backbone does not
+    double in memory.
+
+    Args:
+        model: a built Keras model.
+    """
+
+    def __init__(self, model):
+        variables = _changing_variables(model)
+        self._entries = [(v, ops.convert_to_numpy(v)) for v in variables]
+
+    @property
+    def nbytes(self):
+        return sum(value.nbytes for _, value in self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def restore(self):
+        for variable, value in self._entries:
+            variable.assign(value)
+
+
+@dataclasses.dataclass
+class LayerSwitch:
+    """What the switch did to one layer."""
+
+    singular_values: np.ndarray
+    energy: float
+    from_rank: int
+    to_rank: int
+    fallback: str | None = None
+
+
+class SwitchReport(dict):
+    """Per layer path, a `LayerSwitch`; `seconds` is the switch's wall time."""
+
+    seconds = 0.0
+
+    @property
+    def fallbacks(self):
+        return {path: item.fallback for path, item in self.items() if item.fallback}
+
+    def summary(self):
+        lines = [f"{'layer':40s} {'R->r':>7s} {'energy kept':>11s}  note"]
+        for path, item in self.items():
+            ranks = f"{item.from_rank}->{item.to_rank}"
+            lines.append(
+                f"{path:40s} {ranks:>7s} {item.energy:11.3f}  {item.fallback or ''}"
+            )
+        return "\n".join(lines)
+
+
+def _new_a(layer, a, b, rank, norm):
+    """HRP `A` (a `(m, rank)` matrix), its report, or a reason to fall back."""
+    scale = abs(lora.lora_scale(layer))
+    if not bool(ops.all(ops.isfinite(a))) or not bool(ops.all(ops.isfinite(b))):
+        return None, None, None, "non-finite preheated adapter"
+    try:
+        new_a, s, energy = preheated_a(a, b, rank, norm)
+    except Exception as error:  # a failed SVD must not kill the run
+        return None, None, None, f"SVD failed: {error}"
+    s = ops.convert_to_numpy(s) * scale
+    if not np.all(np.isfinite(s)) or not bool(ops.all(ops.isfinite(new_a))):
+        return None, s, None, "non-finite SVD result"
+    if s[0] == 0.0:
+        return None, s, None, "preheated delta is zero"
+    return new_a, s, float(energy), None
+
+
+def _switch_layer(layer):
+    rank = layer.rank
+    a, b = lora.factor_matrices(layer)
+    from_rank = b.shape[0]
+    a_shape = lora.a_shape_at_rank(layer, rank)
+    norm = expected_norm(lora.DEFAULT_A_INITIALIZER, a_shape)
+    new_a, s, energy, fallback = _new_a(layer, a, b, rank, norm)
+    if fallback:
+        initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)
+        new_a = initializer(a_shape, dtype="float32")
+        warnings.warn(
+            f"HRP switch: layer '{layer.path}' falls back to a random rank-{rank} "
+            f"init ({fallback}).",
+            stacklevel=3,
+        )
+    new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
+    lora.replace_factors(
+        layer, new_a, new_b, trainable_a=layer.variant != "asymmetric"
+    )
+    layer.hrp_phase = "main"
+    if s is None:
+        s = np.full((min(a.shape[0], b.shape[1], from_rank),), np.nan, "float32")
+    return LayerSwitch(s, np.nan if energy is None else energy, from_rank, rank, fallback)
+
+
+def _retrack_torch_params(model, layers):
+    """Points every torch ParameterDict at the new adapter variables.
+
+    On torch each layer, the model included, holds a ParameterDict of all
+    the variables below it, built once. Without this, the model's dict would
+    keep the old adapters and the new ones' gradients would never be zeroed.
+    """
+    if keras.backend.backend() != "torch":
+        return
+    new_variables = [v for layer in layers for v in lora.lora_factors(layer)]
+    for owner in model._flatten_layers(include_self=True, recursive=True):
+        params = getattr(owner, "_torch_params", None)
+        if params is None:
+            continue
+        for variable in new_variables:
+            if variable.path in params or owner in layers:
+                params[variable.path] = variable.value
+
+
+def rebuild_training_state(model):
+    """Fresh optimizer (new slots, `iterations` 0) and compiled functions.
+
+    Call after variables were added or removed on a compiled model; works
+    inside `fit` on every backend, with or without jit.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        fresh = optimizer.__class__.from_config(optimizer.get_config())
+        fresh.build(model.trainable_variables)
+        model.optimizer = fresh
+    if getattr(model, "compiled", False):
+        model.train_function = None
+        model.make_train_function(force=True)
+        model.test_function = None
+        model.predict_function = None
+
+
+def switch_to_main(model, snapshot=None):
+    """Switches every preheating HRP layer of `model` to its main rank.
+
+    For each layer in phase `"preheat"`: the top-`rank` left singular
+    directions of the preheated delta `scale * A @ B` become the new `A`
+    (norm-matched to the `A` initializer at rank `rank`), `B = 0`, and the
+    adapter variables are re-created at rank `rank`. A layer whose delta is
+    not finite (or whose SVD fails) falls back to a random init, with a
+    warning. Then `snapshot` (if given) is restored, the optimizer is
+    replaced by a fresh one and the compiled functions are rebuilt. Use it
+    in custom training loops; `HRPCallback` calls it inside `fit`.
+
+    Args:
+        model: a built Keras model with HRP layers in phase `"preheat"`.
+        snapshot: a `WeightSnapshot` taken before preheating, to roll back
+            every other weight; `None` keeps them as trained.
+
+    Returns:
+        A `SwitchReport`.
+
+    Example:
+
+    >>> snapshot = keras_hrp.WeightSnapshot(model)
+    >>> ...  # preheat: a few training steps
+    >>> report = keras_hrp.switch_to_main(model, snapshot)
+    """
+    start = time.perf_counter()
+    layers = hrp_layers(model, phase="preheat")
+    if not layers:
+        raise ValueError(
+            f"switch_to_main: model '{model.name}' has no HRP layer in phase "
+            f"'preheat'. Received: phases={[l.hrp_phase for l in hrp_layers(model)]}"
+        )
+    report = SwitchReport()
+    for layer in layers:
+        report[layer.path] = _switch_layer(layer)
+    gc.collect()  # frees the rank-R variables now
+    if snapshot is not None:
+        snapshot.restore()
+    _retrack_torch_params(model, layers)
+    rebuild_training_state(model)
+    report.seconds = time.perf_counter() - start
+    return report
