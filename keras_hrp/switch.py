@@ -154,19 +154,20 @@ def _switch_layer(layer):
 def _retrack_torch_params(model, layers):
     """Points every torch ParameterDict at the new adapter variables.
 
-    On torch each layer, the model included, holds a ParameterDict of all
-    the variables below it, built once. Without this, the model's dict would
-    keep the old adapters and the new ones' gradients would never be zeroed.
+    On torch each layer, the model included (and a Sequential's inner
+    functional model), holds a ParameterDict of all variables below it,
+    keyed by path and built once. Left alone, the model's dicts would keep
+    the rank-R adapters alive and miss the new ones.
     """
     if keras.backend.backend() != "torch":
         return
     new_variables = [v for layer in layers for v in lora.lora_factors(layer)]
-    for owner in model._flatten_layers(include_self=True, recursive=True):
+    for owner in model.modules():
         params = getattr(owner, "_torch_params", None)
         if params is None:
             continue
         for variable in new_variables:
-            if variable.path in params or owner in layers:
+            if variable.path in params:
                 params[variable.path] = variable.value
 
 

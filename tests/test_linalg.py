@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from keras_hrp import svd_of_product
+from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
+
+
+def _factors(m, k, n, seed=0, decay=0.7):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(m, k)) * decay ** np.arange(k)
+    b = rng.normal(size=(k, n))
+    return a.astype("float32"), b.astype("float32")
+
+
+@pytest.mark.parametrize("m,k,n,rank", [(200, 16, 120, 5), (40, 8, 300, 8), (64, 64, 64, 10)])
+def test_matches_dense_svd(m, k, n, rank):
+    a, b = _factors(m, k, n)
+    u, s, v = (numpy_of(t) for t in svd_of_product(a, b, rank))
+    u_ref, s_ref, vt_ref = np.linalg.svd(a.astype("float64") @ b, full_matrices=False)
+    assert u.shape == (m, rank) and s.shape == (rank,) and v.shape == (n, rank)
+    np.testing.assert_allclose(s, s_ref[:rank], rtol=2e-4, atol=1e-4 * s_ref[0])
+    assert np.all(np.diff(s) <= 0)
+    assert principal_angle_cos(u, u_ref[:, :rank]) > 0.999
+    assert principal_angle_cos(v, vt_ref[:rank].T) > 0.999
+    np.testing.assert_allclose(u.T @ u, np.eye(rank), atol=1e-4)
+    best = (u_ref[:, :rank] * s_ref[:rank]) @ vt_ref[:rank]
+    np.testing.assert_allclose((u * s) @ v.T, best, atol=1e-3 * s_ref[0])
+
+
+def test_rank_none_returns_all_triplets():
+    a, b = _factors(50, 6, 30)
+    _, s, _ = svd_of_product(a, b)
+    np.testing.assert_allclose(
+        numpy_of(s), np.linalg.svd(a @ b, compute_uv=False)[:6], rtol=1e-4
+    )
+
+
+def test_rank_deficient_product():
+    a, b = _factors(60, 8, 40)
+    a[:, 4:] = 0.0  # rank 4
+    u, s, _ = (numpy_of(t) for t in svd_of_product(a, b, 6))
+    assert np.all(s[4:] < 1e-4 * s[0])
+    _, _, vt_a = np.linalg.svd((a @ b).T, full_matrices=False)
+    assert principal_angle_cos(u[:, :4], vt_a[:4].T) > 0.999
+
+
+@pytest.mark.parametrize(
+    "a_shape,b_shape,rank,match",
+    [
+        ((10, 4), (4, 8), 0, "rank=0"),
+        ((10, 4), (4, 8), 5, r"\[1, 4\].*rank=5"),
+        ((10, 4), (3, 8), 2, "inner dimensions"),
+        ((10, 4, 1), (4, 8), 2, "a.shape=\\(10, 4, 1\\)"),
+    ],
+)
+def test_errors_name_argument_and_value(a_shape, b_shape, rank, match):
+    with pytest.raises(ValueError, match=match):
+        svd_of_product(np.ones(a_shape), np.ones(b_shape), rank)

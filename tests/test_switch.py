@@ -1,0 +1,184 @@
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hrp
+from keras_hrp import lora
+from tests.helpers import BACKEND
+from tests.helpers import JIT_MODES
+from tests.helpers import hrp_mlp
+from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
+from tests.helpers import regression_data
+
+
+def _compiled(jit_compile=False, variant="classic", lr=0.01, **kwargs):
+    model = hrp_mlp(variant=variant, **kwargs)
+    model.compile(keras.optimizers.Adam(lr), "mse", jit_compile=jit_compile)
+    return model
+
+
+def _deltas(model):
+    return {
+        layer.path: np.matmul(*(numpy_of(m) for m in lora.factor_matrices(layer)))
+        * lora.lora_scale(layer)
+        for layer in keras_hrp.hrp_layers(model)
+    }
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_switch_invariants(jit_compile):
+    x, y = regression_data()
+    model = _compiled(jit_compile)
+    before = model.predict(x, verbose=0)
+    snapshot = keras_hrp.WeightSnapshot(model)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)  # preheat
+    assert not np.allclose(model.predict(x, verbose=0), before)
+    deltas = _deltas(model)
+
+    report = keras_hrp.switch_to_main(model, snapshot)
+
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-6, atol=1e-6)
+    for layer in keras_hrp.hrp_layers(model):
+        a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+        assert layer.hrp_phase == "main" and layer.lora_rank == 4
+        assert a.shape == (layer._kernel.shape[0], 4) and b.shape == (4, 24)
+        np.testing.assert_array_equal(b, 0.0)
+        u, s, _ = np.linalg.svd(deltas[layer.path])
+        assert principal_angle_cos(a, u[:, :4]) > 0.999
+        np.testing.assert_allclose(np.linalg.norm(a), np.sqrt(2 * 4), rtol=1e-5)
+        entry = report[layer.path]
+        np.testing.assert_allclose(entry.singular_values, s[:12], rtol=1e-3, atol=1e-6)
+        assert entry.energy == pytest.approx((s[:4] ** 2).sum() / (s**2).sum(), rel=1e-3)
+        assert (entry.from_rank, entry.to_rank, entry.fallback) == (12, 4, None)
+    shapes = [tuple(v.shape) for v in model.trainable_variables + model.optimizer.variables]
+    assert not [s for s in shapes if 12 in s]  # no rank-R variable left anywhere
+    assert int(numpy_of(model.optimizer.iterations)) == 0
+
+    history = model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+
+
+def test_scale_is_the_same_in_both_phases():
+    model = _compiled(lora_alpha=8.0)  # rank 4: scale 2
+    layer = model.get_layer("hrp_1")
+    assert lora.lora_scale(layer) == 2.0 and layer.lora_alpha == 24.0  # 2 * R
+    x, y = regression_data()
+    model.fit(x, y, epochs=1, verbose=0)
+    keras_hrp.switch_to_main(model)
+    assert lora.lora_scale(layer) == 2.0 and layer.lora_alpha == 8.0
+    layer.lora_kernel_b.assign(np.ones((4, 24), "float32"))
+    expected = numpy_of(layer._kernel) + 2.0 * numpy_of(layer.lora_kernel_a) @ np.ones((4, 24))
+    np.testing.assert_allclose(numpy_of(layer.kernel), expected, atol=1e-5)
+
+
+def test_asymmetric_keeps_a_fixed_in_both_phases():
+    x, y = regression_data()
+    model = _compiled(variant="asymmetric")
+    layer = model.get_layer("hrp_1")
+    a0 = numpy_of(layer.lora_kernel_a)
+    model.fit(x, y, epochs=2, verbose=0)
+    np.testing.assert_array_equal(numpy_of(layer.lora_kernel_a), a0)
+    keras_hrp.switch_to_main(model)
+    a1 = numpy_of(layer.lora_kernel_a)
+    assert a1.shape == (32, 4) and not layer.lora_kernel_a.trainable
+    assert principal_angle_cos(a1, a0) > 0.999 or a1.shape[1] <= a0.shape[1]
+    # The kept directions lie in span(A0): the delta's column space.
+    residual = a1 - a0 @ np.linalg.lstsq(a0, a1, rcond=None)[0]
+    assert np.abs(residual).max() < 1e-4
+    model.fit(x, y, epochs=2, verbose=0)
+    np.testing.assert_array_equal(numpy_of(layer.lora_kernel_a), a1)
+    assert np.abs(numpy_of(layer.lora_kernel_b)).max() > 0
+
+
+def test_snapshot_skips_frozen_weights():
+    inputs = keras.Input((32,))
+    frozen = keras.layers.Dense(256, name="frozen_big")
+    h = frozen(inputs)
+    h = keras_hrp.HRPDense(24, rank=2, preheat_rank=8, name="hrp")(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(h))
+    frozen.trainable = False
+    snapshot = keras_hrp.WeightSnapshot(model)
+    # hrp bias (24) + head kernel and bias (24*4 + 4); no frozen kernel, no
+    # HRP base kernel, no adapter.
+    assert len(snapshot) == 3
+    assert snapshot.nbytes == (24 + 24 * 4 + 4) * 4
+
+
+def test_without_snapshot_other_weights_keep_their_training():
+    x, y = regression_data()
+    model = _compiled()
+    head0 = numpy_of(model.get_layer("head").kernel)
+    model.fit(x, y, epochs=1, verbose=0)
+    trained = numpy_of(model.get_layer("head").kernel)
+    assert not np.allclose(trained, head0)
+    keras_hrp.switch_to_main(model, snapshot=None)
+    np.testing.assert_array_equal(numpy_of(model.get_layer("head").kernel), trained)
+
+
+def test_non_finite_delta_falls_back_and_training_goes_on():
+    x, y = regression_data()
+    model = _compiled()
+    model.get_layer("hrp_1").lora_kernel_b.assign(np.ones((12, 24), "float32"))
+    bad = model.get_layer("hrp_2")
+    bad.lora_kernel_b.assign(np.full((12, 24), np.nan, "float32"))
+    with pytest.warns(UserWarning, match="'hrp_2'.*falls back.*non-finite"):
+        report = keras_hrp.switch_to_main(model, keras_hrp.WeightSnapshot(model))
+    assert report.fallbacks == {bad.path: "non-finite preheated adapter"}
+    assert report[model.get_layer("hrp_1").path].fallback is None
+    a = numpy_of(bad.lora_kernel_a)
+    assert a.shape == (24, 4) and np.all(np.isfinite(a)) and np.abs(a).max() > 0
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_zero_delta_falls_back():
+    model = _compiled()
+    with pytest.warns(UserWarning, match="preheated delta is zero"):
+        report = keras_hrp.switch_to_main(model)
+    assert len(report.fallbacks) == 2
+
+
+def test_switch_errors_without_preheating_layers():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="plain")
+    with pytest.raises(ValueError, match="'plain'.*no HRP layer.*phases=\\[\\]"):
+        keras_hrp.switch_to_main(model)
+
+
+def _sequential_hrp():
+    return keras.Sequential(
+        [keras.Input((32,)), keras_hrp.HRPDense(24, rank=4, preheat_rank=12, name="hrp_1"),
+         keras.layers.Dense(16)]
+    )
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's ParameterDict registry only")
+@pytest.mark.parametrize("make", [hrp_mlp, _sequential_hrp], ids=["functional", "sequential"])
+def test_torch_registry_holds_only_the_new_adapters(make):
+    x, y = regression_data(n=64)
+    model = make()
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    model.get_layer("hrp_1").lora_kernel_b.assign(np.ones((12, 24), "float32"))
+    keras_hrp.switch_to_main(model)
+    layer = model.get_layer("hrp_1")
+    params = dict(model.named_parameters())
+    assert not [name for name, p in params.items() if 12 in tuple(p.shape)]
+    assert any(p is layer.lora_kernel_b.value for p in params.values())
+    norms = []  # with learning rate 0, a gradient that is not zeroed grows
+    for _ in range(3):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        norms.append(float(layer.lora_kernel_b.value.grad.norm()))
+    assert norms[0] > 0
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-5)
+
+
+def test_switch_warns_nothing_for_healthy_layers():
+    x, y = regression_data()
+    model = _compiled()
+    model.fit(x, y, epochs=1, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        keras_hrp.switch_to_main(model)
