@@ -32,6 +32,8 @@ class HRPCallback(keras.callbacks.Callback):
         report: the `SwitchReport` of the switch (`None` before it): per
             layer path, the preheated singular values and the fraction of
             the delta's energy the kept directions capture.
+        switch_step: the optimizer step the switch came after (`None`
+            before it).
 
     Example:
 
@@ -54,6 +56,7 @@ class HRPCallback(keras.callbacks.Callback):
         self.restore_weights = restore_weights
         self.verbose = verbose
         self.report = None
+        self.switch_step = None
         self._steps = 0
         self._epoch_offset = 0
         self._snapshot = None
@@ -83,12 +86,11 @@ class HRPCallback(keras.callbacks.Callback):
         self._epoch_offset = self._steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self._active:
-            return
         self._steps = self._epoch_offset + batch + 1
-        if self._steps < self.preheat_steps:
+        if not self._active or self._steps < self.preheat_steps:
             return
         self.report = switch_to_main(self.model, self._snapshot)
+        self.switch_step = self._steps
         self._snapshot = None
         self._active = False
         if self.verbose:
@@ -110,7 +112,7 @@ class HRPCallback(keras.callbacks.Callback):
         energy = sum(energies) / len(energies) if energies else float("nan")
         print(
             f"\nHRPCallback: switched {len(report)} layers (rank {', '.join(ranks)}) "
-            f"at step {self._steps} in {report.seconds:.3f} s; mean energy kept "
+            f"at step {self.switch_step} in {report.seconds:.3f} s; mean energy kept "
             f"{energy:.3f}; fallbacks: {len(report.fallbacks)}",
             flush=True,
         )

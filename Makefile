@@ -1,0 +1,42 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BACKEND ?= jax
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench clean
+
+$(STAMP): requirements-ci.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-ci.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py
+
+# The suite once per backend (the backend is fixed at import), then the
+# keras.distribution tests on JAX with 4 virtual CPU devices.
+test: $(STAMP)
+	@status=0; \
+	for backend in tensorflow jax torch; do \
+	  echo "=== KERAS_BACKEND=$$backend"; \
+	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests || status=1; \
+	done; \
+	echo "=== KERAS_BACKEND=jax, 4 virtual devices"; \
+	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+	  $(BIN)/python -m pytest -q -rs tests/test_distribution.py || status=1; \
+	exit $$status
+
+bench: $(STAMP)
+	for backend in tensorflow jax torch; do \
+	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py --quick || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) .pytest_cache
