@@ -58,9 +58,9 @@ def _mlp(width, depth, layer_fn):
     return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
-def _step_models(width, depth, rank, preheat_rank):
-    x = np.random.default_rng(0).normal(size=(512, width)).astype("float32")
-    y = np.random.default_rng(1).normal(size=(512, 10)).astype("float32")
+def _step_models(width, depth, rank, preheat_rank, n):
+    x = np.random.default_rng(0).normal(size=(n, width)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(n, 10)).astype("float32")
 
     def stock_layer(i):
         return keras.layers.Dense(width, activation="relu", name=f"d{i}")
@@ -78,8 +78,8 @@ def _step_models(width, depth, rank, preheat_rank):
 
 
 def bench_step(width, depth, rank, preheat_rank, repeats, steps):
-    stock, hrp, x, y = _step_models(width, depth, rank, preheat_rank)
-    batch = len(x) // steps
+    batch = 64
+    stock, hrp, x, y = _step_models(width, depth, rank, preheat_rank, batch * steps)
 
     def epoch(model):
         return lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0).history["loss"]
@@ -87,9 +87,10 @@ def bench_step(width, depth, rank, preheat_rank, repeats, steps):
     for model in (stock, hrp):
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # compile
     t_stock, t_hrp = [], []
-    for _ in range(repeats):
-        t_stock.append(_timed(epoch(stock)) / steps)
-        t_hrp.append(_timed(epoch(hrp)) / steps)
+    for i in range(repeats):  # alternate which model goes first
+        pair = [(t_stock, stock), (t_hrp, hrp)][:: 1 if i % 2 == 0 else -1]
+        for times, model in pair:
+            times.append(_timed(epoch(model)) / steps)
     m_stock, m_hrp = statistics.median(t_stock), statistics.median(t_hrp)
     print(f"step: stock {m_stock * 1e3:.2f} ms, hrp {m_hrp * 1e3:.2f} ms, ratio {m_hrp / m_stock:.3f}", flush=True)
     return m_stock, m_hrp
@@ -124,7 +125,7 @@ def main():
     switch_depth = 16 if args.quick else 64
 
     svd_rows = bench_svd(sizes, 64, repeats)
-    m_stock, m_hrp = bench_step(width, depth, rank, preheat_rank, repeats, steps=8)
+    m_stock, m_hrp = bench_step(width, depth, rank, preheat_rank, 2 * repeats + 1, steps=32)
     switch_s, preheat_s, main_s = bench_switch(256, switch_depth, rank, preheat_rank)
 
     lines = [

@@ -78,9 +78,17 @@ class HRPCallback(keras.callbacks.Callback):
                 "(e.g. HRPDense with `rank` and `preheat_rank`). "
                 f"Received: layers={[layer.name for layer in model.layers]}"
             )
-        self._active = True
         if self.restore_weights and self._snapshot is None:
+            unbuilt = [layer.name for layer in hrp_layers(model) if not layer.built]
+            if unbuilt:  # TensorFlow builds such models inside the first step
+                raise ValueError(
+                    f"HRPCallback: model '{model.name}' is not built when fit starts, "
+                    "so its weights before preheating cannot be recorded. Build it "
+                    "first (keras.Input, model.build(shape) or one call on data), or "
+                    f"pass restore_weights=False. Received: unbuilt layers={unbuilt}"
+                )
             self._snapshot = WeightSnapshot(model)
+        self._active = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_offset = self._steps

@@ -30,7 +30,7 @@ def hrp_layers(model, phase=None):
 
 
 def _is_adapter(layer, variable):
-    return getattr(layer, "hrp_phase", None) is not None and any(
+    return getattr(layer, "hrp_phase", None) is not None and layer.lora_enabled and any(
         variable is factor for factor in lora.lora_factors(layer)
     )
 

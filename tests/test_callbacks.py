@@ -157,3 +157,21 @@ def test_restore_weights_false_keeps_preheated_head():
     hrp = keras_hrp.HRPCallback(5, restore_weights=False, verbose=0)
     model.fit(x, y, batch_size=32, epochs=1, callbacks=[hrp, Spy()], verbose=0)
     assert not np.allclose(heads["after"], head0)
+
+
+def test_unbuilt_model():
+    x, y = regression_data(n=64)
+
+    def fit(restore_weights):
+        model = keras.Sequential([keras_hrp.HRPDense(8, rank=2, preheat_rank=4), keras.layers.Dense(16)])
+        model.compile("adam", "mse")
+        hrp = keras_hrp.HRPCallback(2, restore_weights=restore_weights, verbose=0)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
+        return model
+
+    assert fit(restore_weights=False).layers[0].lora_rank == 2
+    if BACKEND == "tensorflow":  # builds inside the first step, after on_train_begin
+        with pytest.raises(ValueError, match="not built when fit starts.*unbuilt layers=\\['hrp_dense"):
+            fit(restore_weights=True)
+    else:  # JAX and torch build before on_train_begin
+        assert fit(restore_weights=True).layers[0].lora_rank == 2

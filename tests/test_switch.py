@@ -182,3 +182,20 @@ def test_switch_warns_nothing_for_healthy_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         keras_hrp.switch_to_main(model)
+
+
+def test_fresh_optimizer_keeps_type_and_hyperparameters():
+    x, y = regression_data()
+    model = hrp_mlp()
+    inner = keras.optimizers.AdamW(learning_rate=0.003, weight_decay=0.01, beta_1=0.8)
+    model.compile(keras.optimizers.LossScaleOptimizer(inner), "mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    keras_hrp.switch_to_main(model)
+    fresh = model.optimizer
+    assert isinstance(fresh, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(fresh.inner_optimizer, keras.optimizers.AdamW)
+    assert fresh.inner_optimizer.beta_1 == 0.8 and fresh.inner_optimizer.weight_decay == 0.01
+    assert int(numpy_of(fresh.iterations)) == 0
+    assert not [v for v in fresh.variables if 12 in tuple(v.shape)]
+    history = model.fit(x, y, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
