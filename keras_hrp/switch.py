@@ -1,6 +1,6 @@
 """The model-wide HRP switch: preheat rank R -> rank r.
 
-`snapshot_weights` records, before preheating, what training may change;
+`WeightSnapshot` records, before preheating, what training may change;
 `switch_to_main` re-initializes every preheated layer from its delta, rolls
 the rest back, and rebuilds the optimizer and the compiled functions.
 """

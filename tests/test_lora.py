@@ -42,6 +42,7 @@ def test_replace_factors_resizes_for_real(make):
     a_old, b_old = lora.lora_factors(layer)
     paths = (a_old.path, b_old.path)
     a_shape_old = tuple(a_old.shape)
+    count = len(layer.weights)
     assert lora.lora_scale(layer) == 0.5
     a_mat, b_mat = lora.factor_matrices(layer)
     assert tuple(a_mat.shape) == (m, 6) and tuple(b_mat.shape) == (6, n)
@@ -56,6 +57,7 @@ def test_replace_factors_resizes_for_real(make):
     assert (a.path, b.path) == paths
     assert layer.lora_rank == 2 and lora.lora_scale(layer) == 0.5
     assert not a.trainable and b.trainable
+    assert len(layer.weights) == count
     tracked = [id(v) for v in layer.weights]
     assert id(a) in tracked and id(b) in tracked
     assert all(id(v) not in tracked for v in (a_old, b_old))
