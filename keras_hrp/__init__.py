@@ -1,6 +1,7 @@
 """keras-hrp: High-Rank Preheating initialization for Keras 3 LoRA."""
 
 from keras_hrp.callbacks import HRPCallback
+from keras_hrp.hub import enable_hrp
 from keras_hrp.layers import HRPDense
 from keras_hrp.linalg import svd_of_product
 from keras_hrp.switch import SwitchReport

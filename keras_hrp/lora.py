@@ -50,10 +50,29 @@ def a_shape_at_rank(layer, rank):
     return tuple(a.shape[:-1]) + (rank,)
 
 
+def weight_matrix_shape(layer):
+    """`(m, n)`: the layer's frozen weight as the matrix its LoRA adapts."""
+    if isinstance(layer, keras.layers.Embedding):
+        shape = (layer.input_dim, layer.output_dim)
+    else:
+        shape = tuple(layer.kernel.shape)
+    return math.prod(shape[:-1]), shape[-1]
+
+
 def max_useful_rank(layer):
-    """Largest rank whose delta `A @ B` can still gain rank on this layer."""
-    a, b = lora_factors(layer)
-    return min(math.prod(a.shape[:-1]), b.shape[-1])
+    """Largest rank at which the delta `A @ B` can still gain rank."""
+    return min(weight_matrix_shape(layer))
+
+
+def enable_adapter(layer, rank, scale, trainable_a=True):
+    """Enables Keras LoRA at `rank` with delta `scale * A @ B`.
+
+    `A` starts he_uniform and `B` zero (Keras' init); `trainable_a=False`
+    freezes `A` (asymmetric LoRA).
+    """
+    layer.enable_lora(rank, lora_alpha=scale * rank, a_initializer=DEFAULT_A_INITIALIZER)
+    if not trainable_a:
+        lora_factors(layer)[0].trainable = False
 
 
 def replace_factors(layer, a, b, trainable_a=True):

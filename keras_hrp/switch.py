@@ -20,7 +20,11 @@ from keras_hrp.initializers import preheated_a
 
 
 def hrp_layers(model, phase=None):
-    """The HRP-managed layers of `model` (optionally only those in `phase`)."""
+    """The HRP-managed layers of `model` (optionally only those in `phase`).
+
+    A layer is HRP-managed when its `hrp_phase` is `"preheat"` or `"main"`;
+    it then also has `hrp_rank` (the main rank) and `hrp_variant`.
+    """
     found = [
         layer
         for layer in model._flatten_layers(include_self=True, recursive=True)
@@ -127,7 +131,7 @@ def _new_a(layer, a, b, rank, norm):
 
 
 def _switch_layer(layer):
-    rank = layer.rank
+    rank = layer.hrp_rank
     a, b = lora.factor_matrices(layer)
     from_rank = b.shape[0]
     a_shape = lora.a_shape_at_rank(layer, rank)
@@ -143,7 +147,7 @@ def _switch_layer(layer):
         )
     new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
     lora.replace_factors(
-        layer, new_a, new_b, trainable_a=layer.variant != "asymmetric"
+        layer, new_a, new_b, trainable_a=layer.hrp_variant != "asymmetric"
     )
     layer.hrp_phase = "main"
     if s is None:

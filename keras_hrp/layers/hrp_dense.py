@@ -5,8 +5,9 @@ import contextlib
 import keras
 
 from keras_hrp import lora
+from keras_hrp.settings import check_hrp_settings
+from keras_hrp.settings import fail
 
-VARIANTS = ("classic", "asymmetric")
 PHASES = ("preheat", "main")
 
 
@@ -78,37 +79,23 @@ class HRPDense(keras.layers.Dense):
         else:
             self.hrp_phase = hrp_phase or ("preheat" if preheat_rank else "main")
 
-    def _error(self, message, **received):
-        shown = ", ".join(f"{k}={v!r}" for k, v in received.items())
-        return ValueError(f"HRPDense '{self.name}': {message}. Received: {shown}")
-
     def _validate(self, lora_rank, hrp_phase):
-        if self.variant not in VARIANTS:
-            raise self._error(f"`variant` must be one of {VARIANTS}", variant=self.variant)
+        owner = f"HRPDense '{self.name}'"
         if self.rank is None:
             if self.preheat_rank is not None:
-                raise self._error(
-                    "`preheat_rank` needs `rank`", preheat_rank=self.preheat_rank
-                )
+                fail(owner, "`preheat_rank` needs `rank`", preheat_rank=self.preheat_rank)
+            check_hrp_settings(owner, 1, None, self.variant)
             return
         if lora_rank:
-            raise self._error(
+            fail(
+                owner,
                 "pass either `rank` (HRP) or `lora_rank` (plain Keras LoRA)",
                 rank=self.rank,
                 lora_rank=lora_rank,
             )
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise self._error("`rank` must be a positive integer", rank=self.rank)
-        if self.preheat_rank is not None and (
-            not isinstance(self.preheat_rank, int) or self.preheat_rank <= self.rank
-        ):
-            raise self._error(
-                "`preheat_rank` must be an integer larger than `rank`",
-                preheat_rank=self.preheat_rank,
-                rank=self.rank,
-            )
+        check_hrp_settings(owner, self.rank, self.preheat_rank, self.variant)
         if hrp_phase not in (None,) + PHASES:
-            raise self._error(f"`hrp_phase` must be one of {PHASES}", hrp_phase=hrp_phase)
+            fail(owner, f"`hrp_phase` must be one of {PHASES}", hrp_phase=hrp_phase)
 
     @property
     def lora_scale(self):
@@ -125,18 +112,24 @@ class HRPDense(keras.layers.Dense):
         for name in ("rank", "preheat_rank"):
             value = getattr(self, name)
             if value is not None and value > limit:
-                raise self._error(
+                fail(
+                    f"HRPDense '{self.name}'",
                     f"`{name}` must be at most min(input_dim, units) = {limit}",
                     **{name: value},
                 )
         rank = self.preheat_rank if self.hrp_phase == "preheat" else self.rank
-        self.enable_lora(
-            rank,
-            lora_alpha=self.lora_scale * rank,
-            a_initializer=lora.DEFAULT_A_INITIALIZER,
+        lora.enable_adapter(
+            self, rank, self.lora_scale, trainable_a=self.variant != "asymmetric"
         )
-        if self.variant == "asymmetric":
-            self.lora_kernel_a.trainable = False
+
+    @property
+    def hrp_rank(self):
+        """The main rank, as every HRP-managed layer reports it."""
+        return self.rank
+
+    @property
+    def hrp_variant(self):
+        return self.variant
 
     @contextlib.contextmanager
     def _without_lora(self):

@@ -1,0 +1,143 @@
+"""`enable_hrp`: High-Rank Preheating on any Keras or KerasHub model."""
+
+import re
+import warnings
+
+import keras
+
+from keras_hrp import lora
+from keras_hrp.settings import check_hrp_settings
+from keras_hrp.settings import fail
+from keras_hrp.switch import hrp_layers
+
+# The layers KerasHub's `Backbone.enable_lora` targets by default.
+DEFAULT_TARGETS = ("query_dense", "value_dense", "query", "value", "query_proj", "value_proj")
+SUPPORTED = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+
+
+def _freeze_scope(model):
+    """What KerasHub's `enable_lora` freezes: the backbone of a Task."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, keras.Model) else model
+
+
+def _matches(layer, patterns):
+    return any(layer.name == p or re.fullmatch(p, layer.path) for p in patterns)
+
+
+def _targets(model, scope, target_layer_names):
+    if target_layer_names is None:
+        names = getattr(scope, "default_lora_layer_names", None)
+        target_layer_names = sorted(set(names()) | set(DEFAULT_TARGETS)) if names else DEFAULT_TARGETS
+    patterns = list(target_layer_names)
+    candidates = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, SUPPORTED)
+    ]
+    targets = [layer for layer in candidates if _matches(layer, patterns)]
+    if not targets:
+        fail(
+            "enable_hrp",
+            f"`target_layer_names` matches no Dense, EinsumDense or Embedding layer of "
+            f"model '{model.name}' (names or regular expressions over paths; the model "
+            f"has {[layer.path for layer in candidates]})",
+            target_layer_names=patterns,
+        )
+    return targets
+
+
+def _preheat_rank_for(layer, rank, preheat_rank):
+    limit = lora.max_useful_rank(layer)
+    if rank >= limit:
+        fail(
+            "enable_hrp",
+            f"layer '{layer.path}' has LoRA rank at most {limit}: `rank` must be smaller "
+            "to leave room for preheating",
+            rank=rank,
+        )
+    if preheat_rank > limit:
+        warnings.warn(
+            f"enable_hrp: layer '{layer.path}' can use LoRA rank {limit} at most "
+            f"({type(layer).__name__} weight as a {lora.weight_matrix_shape(layer)} "
+            f"matrix); it preheats at rank {limit} instead of {preheat_rank}.",
+            stacklevel=3,
+        )
+    return min(preheat_rank, limit)
+
+
+def enable_hrp(
+    model,
+    rank,
+    preheat_rank,
+    target_layer_names=None,
+    lora_alpha=None,
+    variant="classic",
+):
+    """Adds High-Rank Preheating LoRA adapters to a built Keras model.
+
+    Like KerasHub's `Backbone.enable_lora`, it freezes the model (for a
+    KerasHub `Task`, its backbone; the task's head keeps training), then
+    makes every target layer trainable and gives it a LoRA adapter at
+    `preheat_rank`. `HRPCallback` (or `switch_to_main`) then switches these
+    layers to `rank` exactly as it switches `HRPDense` layers.
+
+    Supported layers: `Dense`, `EinsumDense` (multi-axis kernels: the
+    adapter adapts the kernel as a `(prod(shape[:-1]), shape[-1])` matrix,
+    so attention projections preheat at most at head_dim; larger
+    `preheat_rank`s are capped there with a warning) and `Embedding` /
+    `ReversibleEmbedding`.
+
+    Args:
+        model: a built Keras model, e.g. a KerasHub `Backbone` or `Task`.
+        rank: the LoRA rank of the main phase.
+        preheat_rank: the rank of the preheating adapters (`> rank`).
+        target_layer_names: layer names or regular expressions matched
+            (whole) against layer paths. Defaults to the attention query and
+            value projections KerasHub's `enable_lora` targets.
+        lora_alpha: the delta is `(lora_alpha / rank) * A @ B` in both
+            phases; `None` means scale 1 (KerasHub's default).
+        variant: `"classic"` or `"asymmetric"` (`A` frozen in both phases).
+
+    Returns:
+        The list of HRP-managed layers.
+
+    Example:
+
+    >>> backbone = keras_hub.models.BertBackbone.from_preset(path)
+    >>> keras_hrp.enable_hrp(backbone, rank=4, preheat_rank=32)
+    >>> model.fit(x, y, callbacks=[keras_hrp.HRPCallback(100)])
+    """
+    check_hrp_settings("enable_hrp", rank, preheat_rank, variant)
+    if preheat_rank is None:
+        fail("enable_hrp", "`preheat_rank` is required", preheat_rank=preheat_rank)
+    if not model.built:
+        fail("enable_hrp", f"model '{model.name}' must be built first", built=False)
+    if hrp_layers(model):
+        fail(
+            "enable_hrp",
+            f"model '{model.name}' already has HRP layers; enable_hrp runs once",
+            hrp_layers=[layer.path for layer in hrp_layers(model)],
+        )
+    scope = _freeze_scope(model)
+    targets = _targets(model, scope, target_layer_names)
+    already = [layer.path for layer in targets if layer.lora_enabled]
+    if already:
+        fail("enable_hrp", "these target layers already have LoRA", layers=already)
+    ranks = [_preheat_rank_for(layer, rank, preheat_rank) for layer in targets]
+    scale = 1.0 if lora_alpha is None else lora_alpha / rank
+
+    scope.trainable = True
+    for layer in scope._flatten_layers(include_self=False):
+        layer.trainable = False
+    for layer, layer_rank in zip(targets, ranks):
+        layer.trainable = True
+        lora.enable_adapter(layer, layer_rank, scale, trainable_a=variant != "asymmetric")
+        layer.hrp_rank = rank
+        layer.hrp_variant = variant
+        layer.hrp_phase = "preheat"
+    if hasattr(scope, "save_lora_weights"):  # KerasHub's adapter files index
+        weighted = [layer for layer in scope._flatten_layers(include_self=False) if layer.weights]
+        scope._lora_enabled_layers = [i for i, layer in enumerate(weighted) if layer in targets]
+        scope._lora_rank = rank
+    return targets

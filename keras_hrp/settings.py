@@ -1,0 +1,26 @@
+"""Validation of the HRP settings shared by `HRPDense` and `enable_hrp`."""
+
+VARIANTS = ("classic", "asymmetric")
+
+
+def fail(owner, message, **received):
+    """Raises `ValueError(f"{owner}: {message}. Received: k=v, ...")`."""
+    shown = ", ".join(f"{key}={value!r}" for key, value in received.items())
+    raise ValueError(f"{owner}: {message}. Received: {shown}")
+
+
+def check_hrp_settings(owner, rank, preheat_rank, variant):
+    """Raises a `ValueError` naming `owner` for an invalid HRP setting."""
+    if variant not in VARIANTS:
+        fail(owner, f"`variant` must be one of {VARIANTS}", variant=variant)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        fail(owner, "`rank` must be a positive integer", rank=rank)
+    if preheat_rank is not None and (
+        not isinstance(preheat_rank, int) or preheat_rank <= rank
+    ):
+        fail(
+            owner,
+            "`preheat_rank` must be an integer larger than `rank`",
+            preheat_rank=preheat_rank,
+            rank=rank,
+        )

@@ -1,0 +1,116 @@
+from collections import Counter
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hrp
+from keras_hrp import lora
+from tests.helpers import JIT_MODES
+from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
+
+
+def _attention_model():
+    tokens = keras.Input((12,), dtype="int32")
+    h = keras.layers.Embedding(100, 32, name="embed")(tokens)
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(h, h)
+    h = keras.layers.LayerNormalization(name="norm")(h)
+    h = keras.layers.Dense(32, activation="gelu", name="ffn")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(tokens, keras.layers.Dense(3, name="head")(h), name="tiny")
+
+
+def _data(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 100, size=(n, 12)).astype("int32")
+    return x, (x[:, 0] % 3).astype("int32")
+
+
+def test_targets_freezing_and_ranks():
+    model = _attention_model()
+    with pytest.warns(UserWarning, match="'mha/query' can use LoRA rank 8 at most.*rank 8 instead of 16"):
+        layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=16, target_layer_names=["query", "value", "ffn", "embed"])
+    paths = sorted(layer.path for layer in layers)
+    assert paths == ["embed", "ffn", "mha/query", "mha/value"]
+    ranks = {layer.path: layer.lora_rank for layer in layers}
+    assert ranks == {"embed": 16, "ffn": 16, "mha/query": 8, "mha/value": 8}
+    assert tuple(model.get_layer("mha")._query_dense.lora_kernel_a.shape) == (32, 2, 8)
+    trainable = sorted(v.path for v in model.trainable_variables)
+    assert trainable == sorted(
+        ["embed/lora_embeddings_a", "embed/lora_embeddings_b", "ffn/bias", "ffn/lora_kernel_a",
+         "ffn/lora_kernel_b", "mha/query/bias", "mha/query/lora_kernel_a", "mha/query/lora_kernel_b",
+         "mha/value/bias", "mha/value/lora_kernel_a", "mha/value/lora_kernel_b"]
+    )
+
+
+def test_default_targets_are_keras_hub_ones():
+    model = _attention_model()
+    with pytest.warns(UserWarning, match="can use LoRA rank 8"):
+        layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=16)
+    assert sorted(layer.path for layer in layers) == ["mha/query", "mha/value"]
+
+
+def test_regex_over_paths():
+    model = _attention_model()
+    layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=4, target_layer_names=["mha/(key|value)"])
+    assert sorted(layer.path for layer in layers) == ["mha/key", "mha/value"]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_switch_on_einsum_and_embedding(jit_compile):
+    x, y = _data()
+    model = _attention_model()
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "embed"])
+    model.get_layer("head").trainable = True
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", jit_compile=jit_compile)
+    before = model.predict(x, verbose=0)
+    snapshot = keras_hrp.WeightSnapshot(model)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    deltas = {}
+    for layer in keras_hrp.hrp_layers(model):
+        a, b = (numpy_of(m) for m in lora.factor_matrices(layer))
+        deltas[layer.path] = a @ b
+    report = keras_hrp.switch_to_main(model, snapshot)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+    assert not report.fallbacks
+    for layer in keras_hrp.hrp_layers(model):
+        a_var, b_var = lora.lora_factors(layer)
+        assert layer.lora_rank == 2 and b_var.shape[0] == 2
+        np.testing.assert_array_equal(numpy_of(b_var), 0.0)
+        a = numpy_of(a_var).reshape(-1, 2)
+        u, _, _ = np.linalg.svd(deltas[layer.path], full_matrices=False)
+        assert principal_angle_cos(a, u[:, :2]) > 0.999
+    adapters = [tuple(v.shape) for v in model.trainable_variables if "lora" in v.path]
+    assert all(2 in (s[0], s[-1]) for s in adapters) and not [s for s in adapters if 6 in s]
+    trainable = Counter(tuple(v.shape) for v in model.trainable_variables)
+    slots = Counter(tuple(v.shape) for v in model.optimizer.variables if len(v.shape))
+    assert slots == trainable + trainable  # Adam: two slots per variable, nothing else
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_callback_manages_enable_hrp_layers():
+    x, y = _data()
+    model = _attention_model()
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value"])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    hrp = keras_hrp.HRPCallback(3, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[hrp], verbose=0)
+    assert set(hrp.report) == {"mha/query", "mha/value"} and hrp.switch_step == 3
+
+
+def test_errors():
+    model = _attention_model()
+    with pytest.raises(ValueError, match="enable_hrp: .*matches no .* has \\[.*'mha/query'.*target_layer_names=\\['nope'\\]"):
+        keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["nope"])
+    with pytest.raises(ValueError, match="enable_hrp: `preheat_rank` must be an integer larger.*preheat_rank=2, rank=2"):
+        keras_hrp.enable_hrp(model, 2, 2)
+    with pytest.raises(ValueError, match="'mha/(query|value)' has LoRA rank at most 8.*rank=8"):
+        keras_hrp.enable_hrp(model, 8, 16)
+    model.get_layer("ffn").enable_lora(2)
+    with pytest.raises(ValueError, match="already have LoRA.*layers=\\['ffn'\\]"):
+        keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["ffn"])
+    keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["query"])
+    with pytest.raises(ValueError, match="already has HRP layers.*'mha/query'"):
+        keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["value"])
