@@ -1,0 +1,139 @@
+"""enable_hrp + HRPCallback on tiny KerasHub models built from config."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hrp
+from keras_hrp import lora
+from tests.helpers import numpy_of
+
+keras_hub = pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
+
+VOCAB, SEQ = 64, 8
+
+
+def _tokens(n, seed=0, segments=False):
+    rng = np.random.default_rng(seed)
+    x = {
+        "token_ids": rng.integers(1, VOCAB, size=(n, SEQ)).astype("int32"),
+        "padding_mask": np.ones((n, SEQ), "int32"),
+    }
+    if segments:
+        x["segment_ids"] = np.zeros((n, SEQ), "int32")
+    return x
+
+
+def bert_classifier():
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=SEQ,
+    )
+    task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    x = _tokens(64, segments=True)
+    return task, x, (x["token_ids"][:, 0] % 2).astype("int32"), "sparse_categorical_crossentropy"
+
+
+def _causal_lm(task_cls, backbone):
+    task = task_cls(backbone, preprocessor=None)
+    x = _tokens(64)
+    y = np.roll(x["token_ids"], -1, axis=1)
+    return task, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def gemma_causal_lm():
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32, head_dim=8,
+    )
+    return _causal_lm(keras_hub.models.GemmaCausalLM, backbone)
+
+
+def llama_causal_lm():
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32,
+    )
+    return _causal_lm(keras_hub.models.LlamaCausalLM, backbone)
+
+
+def gpt2_causal_lm():
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=SEQ,
+    )
+    return _causal_lm(keras_hub.models.GPT2CausalLM, backbone)
+
+
+class _Probe(keras.callbacks.Callback):
+    def __init__(self, hrp, x):
+        super().__init__()
+        self.hrp, self.x, self.after = hrp, x, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.hrp.report is not None and self.after is None:
+            self.after = self.model.predict(self.x, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "make", [bert_classifier, gemma_causal_lm, llama_causal_lm, gpt2_causal_lm],
+    ids=["bert", "gemma", "llama", "gpt2"],
+)
+def test_hrp_on_keras_hub_task(make):
+    task, x, y, loss = make()
+    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    assert len(layers) == 4 and {l.name for l in layers} == {"query", "value"}
+    assert all(layer.lora_rank == 6 for layer in layers)
+    backbone_trainable = [v.path for v in task.backbone.trainable_variables]
+    assert all(("lora" in p or p.endswith("bias")) for p in backbone_trainable)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    before = task.predict(x, verbose=0)
+    hrp = keras_hrp.HRPCallback(3, verbose=0)
+    probe = _Probe(hrp, x)
+    history = keras.Model.fit(task, x, y, batch_size=16, epochs=2, callbacks=[hrp, probe], verbose=0)
+    np.testing.assert_allclose(probe.after, before, rtol=1e-4, atol=1e-4)
+    assert not hrp.report.fallbacks and len(hrp.report) == 4
+    for layer in layers:
+        a, b = lora.lora_factors(layer)
+        assert layer.hrp_phase == "main" and a.shape[-1] == 2 and b.shape[0] == 2
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_task_fit_with_tf_data_pipeline():
+    task, x, y, loss = bert_classifier()
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    hrp = keras_hrp.HRPCallback(2, verbose=0)
+    task.fit(x=x, y=y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
+    assert hrp.switch_step == 2 and all(l.lora_rank == 2 for l in keras_hrp.hrp_layers(task))
+
+
+def test_keras_hub_lora_weights_round_trip_after_switch(tmp_path):
+    task, x, y, loss = bert_classifier()
+    base = task.backbone.get_weights()
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    keras.Model.fit(task, x, y, batch_size=16, epochs=2, verbose=0,
+                    callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    path = os.path.join(tmp_path, "hrp.lora.h5")
+    task.backbone.save_lora_weights(path)
+
+    fresh = keras_hub.models.BertBackbone.from_config(task.backbone.get_config())
+    fresh.set_weights(base)
+    fresh.load_lora_weights(path)
+    trained = {l.path: l for l in keras_hrp.hrp_layers(task.backbone)}
+    for layer in fresh._flatten_layers():
+        if layer.path in trained:  # KerasHub's file holds A and B, not the biases it trains
+            assert layer.lora_rank == 2
+            np.testing.assert_array_equal(
+                numpy_of(layer.lora_kernel_a), numpy_of(trained[layer.path].lora_kernel_a)
+            )
+            layer.bias.assign(trained[layer.path].bias)
+    inputs = {k: x[k] for k in ("token_ids", "padding_mask", "segment_ids")}
+    np.testing.assert_allclose(
+        numpy_of(fresh(inputs)["sequence_output"]),
+        numpy_of(task.backbone(inputs)["sequence_output"]),
+        rtol=1e-5, atol=1e-5,
+    )
