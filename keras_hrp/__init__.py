@@ -1,5 +1,8 @@
 """keras-hrp: High-Rank Preheating initialization for Keras 3 LoRA."""
 
+from keras_hrp.adapters import load_adapters
+from keras_hrp.adapters import revive_adapters
+from keras_hrp.adapters import save_adapters
 from keras_hrp.callbacks import HRPCallback
 from keras_hrp.hub import enable_hrp
 from keras_hrp.layers import HRPDense

@@ -1,0 +1,114 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hrp
+from keras_hrp import lora
+from tests.adapter_writer import probe_tokens
+from tests.adapter_writer import tiny_model
+from tests.helpers import BACKEND
+from tests.helpers import numpy_of
+
+TARGETS = ["query", "value", "ffn", "embed"]
+OTHER = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}[BACKEND]
+
+
+def _trained(tmp_path):
+    model = tiny_model()
+    base = os.path.join(tmp_path, "base.weights.h5")
+    model.save_weights(base)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=TARGETS)
+    x = np.random.default_rng(0).integers(0, 100, size=(64, 12)).astype("int32")
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x, x[:, 0] % 3, batch_size=16, epochs=2, verbose=0,
+              callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    return model, base
+
+
+def test_round_trip_into_a_fresh_model(tmp_path):
+    model, base = _trained(tmp_path)
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    fresh = tiny_model()
+    fresh.load_weights(base)
+    keras_hrp.load_adapters(fresh, path)
+    tokens = probe_tokens()
+    np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
+    query = fresh.get_layer("mha")._query_dense
+    assert query.lora_enabled and query.lora_rank == 2
+    np.testing.assert_array_equal(numpy_of(query.bias), numpy_of(model.get_layer("mha")._query_dense.bias))
+
+
+def test_file_from_another_backend_gives_the_same_outputs(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": OTHER, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [sys.executable, "-m", "tests.adapter_writer", str(tmp_path)],
+        check=True, cwd=root, env=env, capture_output=True,
+    )
+    model = tiny_model()
+    model.load_weights(os.path.join(tmp_path, "base.weights.h5"))
+    keras_hrp.load_adapters(model, os.path.join(tmp_path, "adapters.npz"))
+    expected = np.load(os.path.join(tmp_path, "outputs.npy"))
+    np.testing.assert_allclose(model.predict(probe_tokens(), verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mismatch_lists_everything_and_changes_nothing(tmp_path):
+    model, _ = _trained(tmp_path)
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    other = tiny_model()
+    other.get_layer("ffn").enable_lora(3)
+    other.get_layer("head").enable_lora(1)
+    before = [numpy_of(w) for w in other.weights]
+    with pytest.raises(ValueError) as error:
+        keras_hrp.load_adapters(other, path)
+    message = str(error.value)
+    assert "2 mismatches" in message
+    assert "ffn: file rank 2, layer rank 3" in message
+    assert "head: LoRA layer of the model missing from the file" in message
+    assert "mha/query" not in message  # fits: it gets LoRA at load
+    after = [numpy_of(w) for w in other.weights]
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert not other.get_layer("mha")._query_dense.lora_enabled
+
+
+def test_shape_mismatch(tmp_path):
+    model, _ = _trained(tmp_path)
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    tokens = keras.Input((12,), dtype="int32")
+    h = keras.layers.Embedding(100, 16, name="embed")(tokens)
+    wrong = keras.Model(tokens, keras.layers.Dense(32, name="ffn")(h))
+    with pytest.raises(ValueError, match=r"embed: file A\(100, 2\) B\(2, 32\), layer needs A\(100, 2\) B\(2, 16\)"):
+        keras_hrp.load_adapters(wrong, path)
+
+
+def test_revive_after_keras_load_model(tmp_path):
+    model, _ = _trained(tmp_path)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layers = keras_hrp.adapters.lora_layers(loaded)
+    assert all(not np.any(numpy_of(lora.lora_factors(l)[0])) for l in layers.values())  # Keras zeroes them
+    tokens = probe_tokens()
+    before = loaded.predict(tokens, verbose=0)
+    revived = keras_hrp.revive_adapters(loaded)
+    assert sorted(revived) == sorted(layers)
+    np.testing.assert_allclose(loaded.predict(tokens, verbose=0), before, rtol=1e-6)
+    assert all(np.abs(numpy_of(lora.lora_factors(l)[0])).max() > 0 for l in layers.values())
+    loaded.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    loaded.fit(tokens, tokens[:, 0] % 3, verbose=0, epochs=2)
+    assert np.abs(numpy_of(lora.lora_factors(layers["ffn"])[1])).max() > 0
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="save_adapters: model 'tiny' has no LoRA layer"):
+        keras_hrp.save_adapters(tiny_model(), os.path.join(tmp_path, "x.npz"))
+    np.savez(os.path.join(tmp_path, "other.npz"), x=np.ones(3))
+    with pytest.raises(ValueError, match="not a keras-hrp adapter file"):
+        keras_hrp.load_adapters(tiny_model(), os.path.join(tmp_path, "other.npz"))
