@@ -19,10 +19,10 @@ FORMAT_VERSION = 1
 
 
 def lora_layers(model):
-    """The layers of `model` with a Keras LoRA adapter, by path."""
+    """The layers of `model` (itself included) with a Keras LoRA adapter, by path."""
     return {
         layer.path: layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in model._flatten_layers(include_self=True, recursive=True)
         if getattr(layer, "lora_enabled", False)
     }
 
@@ -160,7 +160,11 @@ def revive_adapters(model):
     Keras' `load_own_variables` (used by `load_model` and `load_weights`)
     sets `A = B = 0` on LoRA layers, after which both gradients are zero
     forever. With `B = 0`, a fresh he_uniform `A` changes no output and lets
-    the adapter train again.
+    the adapter train again. Layers prepared by `enable_hrp` do this by
+    themselves on `load_weights`; call it after `keras.saving.load_model`.
+
+    Args:
+        model: a Keras model or layer.
 
     Returns:
         The paths of the revived layers.

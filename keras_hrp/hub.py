@@ -6,6 +6,7 @@ import warnings
 import keras
 
 from keras_hrp import lora
+from keras_hrp.adapters import revive_adapters
 from keras_hrp.settings import check_hrp_settings
 from keras_hrp.settings import fail
 from keras_hrp.switch import hrp_layers
@@ -64,6 +65,17 @@ def _preheat_rank_for(layer, rank, preheat_rank):
             stacklevel=3,
         )
     return min(preheat_rank, limit)
+
+
+def _keep_trainable_on_load(layer):
+    """Keras' `load_own_variables` zeroes `A` and `B`; re-draw `A` after it."""
+    load = layer.load_own_variables
+
+    def load_own_variables(store):
+        load(store)
+        revive_adapters(layer)
+
+    layer.load_own_variables = load_own_variables
 
 
 def enable_hrp(
@@ -136,6 +148,7 @@ def enable_hrp(
         layer.hrp_rank = rank
         layer.hrp_variant = variant
         layer.hrp_phase = "preheat"
+        _keep_trainable_on_load(layer)
     if hasattr(scope, "save_lora_weights"):  # KerasHub's adapter files index
         weighted = [layer for layer in scope._flatten_layers(include_self=False) if layer.weights]
         scope._lora_enabled_layers = [i for i, layer in enumerate(weighted) if layer in targets]

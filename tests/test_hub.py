@@ -114,3 +114,20 @@ def test_errors():
     keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["query"])
     with pytest.raises(ValueError, match="already has HRP layers.*'mha/query'"):
         keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["value"])
+
+
+def test_load_weights_keeps_adapters_trainable(tmp_path):
+    x, y = _data()
+    model = _attention_model()
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
+    before = model.predict(x, verbose=0)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)  # Keras stores the merged kernels
+    model.load_weights(path)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+    for layer in keras_hrp.hrp_layers(model):
+        a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+        assert np.abs(a).max() > 0 and not np.any(b)  # B gets gradients again

@@ -137,3 +137,16 @@ def test_keras_hub_lora_weights_round_trip_after_switch(tmp_path):
         numpy_of(task.backbone(inputs)["sequence_output"]),
         rtol=1e-5, atol=1e-5,
     )
+
+
+def test_reversible_embedding_target():
+    task, x, y, loss = gemma_causal_lm()
+    (layer,) = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, target_layer_names=["token_embedding"])
+    assert type(layer).__name__ == "ReversibleEmbedding" and layer.lora_rank == 6
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    before = task.predict(x, verbose=0)
+    hrp = keras_hrp.HRPCallback(2, verbose=0)
+    probe = _Probe(hrp, x)
+    keras.Model.fit(task, x, y, batch_size=16, epochs=1, callbacks=[hrp, probe], verbose=0)
+    np.testing.assert_allclose(probe.after, before, rtol=1e-4, atol=1e-4)
+    assert tuple(layer.lora_embeddings_a.shape) == (VOCAB, 2) and not hrp.report.fallbacks
