@@ -18,11 +18,18 @@ _META = "__keras_hrp_adapters__"
 FORMAT_VERSION = 1
 
 
-def lora_layers(model):
-    """The layers of `model` (itself included) with a Keras LoRA adapter, by path."""
+def _layers_by_path(model):
     return {
         layer.path: layer
         for layer in model._flatten_layers(include_self=True, recursive=True)
+    }
+
+
+def lora_layers(model):
+    """The layers of `model` (itself included) with a Keras LoRA adapter, by path."""
+    return {
+        path: layer
+        for path, layer in _layers_by_path(model).items()
         if getattr(layer, "lora_enabled", False)
     }
 
@@ -85,10 +92,7 @@ def _expected_a_shape(layer, rank):
 
 def _mismatches(model, meta, arrays):
     layers = lora_layers(model)
-    everything = {
-        layer.path: layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-    }
+    everything = _layers_by_path(model)
     problems = []
     for layer_path, info in meta["layers"].items():
         layer = everything.get(layer_path)
@@ -137,10 +141,7 @@ def load_adapters(model, path):
             f"load_adapters: '{path}' does not fit model '{model.name}' "
             f"({len(problems)} mismatches):\n  " + "\n  ".join(problems)
         )
-    everything = {
-        layer.path: layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-    }
+    everything = _layers_by_path(model)
     for layer_path, info in meta["layers"].items():
         layer = everything[layer_path]
         if not layer.lora_enabled:
