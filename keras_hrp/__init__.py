@@ -5,6 +5,7 @@ from keras_hrp.adapters import revive_adapters
 from keras_hrp.adapters import save_adapters
 from keras_hrp.callbacks import HRPCallback
 from keras_hrp.hub import enable_hrp
+from keras_hrp.initialize import initialize_lora
 from keras_hrp.layers import HRPDense
 from keras_hrp.linalg import svd_of_product
 from keras_hrp.switch import SwitchReport

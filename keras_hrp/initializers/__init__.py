@@ -2,3 +2,7 @@
 
 from keras_hrp.initializers.hrp import expected_norm
 from keras_hrp.initializers.hrp import preheated_a
+from keras_hrp.initializers.baselines import gaussian
+from keras_hrp.initializers.baselines import milora
+from keras_hrp.initializers.baselines import olora
+from keras_hrp.initializers.baselines import pissa
