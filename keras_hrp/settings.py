@@ -9,10 +9,14 @@ def fail(owner, message, **received):
     raise ValueError(f"{owner}: {message}. Received: {shown}")
 
 
-def check_hrp_settings(owner, rank, preheat_rank, variant):
-    """Raises a `ValueError` naming `owner` for an invalid HRP setting."""
+def check_variant(owner, variant):
     if variant not in VARIANTS:
         fail(owner, f"`variant` must be one of {VARIANTS}", variant=variant)
+
+
+def check_hrp_settings(owner, rank, preheat_rank, variant):
+    """Raises a `ValueError` naming `owner` for an invalid HRP setting."""
+    check_variant(owner, variant)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         fail(owner, "`rank` must be a positive integer", rank=rank)
     if preheat_rank is not None and (

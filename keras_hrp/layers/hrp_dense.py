@@ -6,6 +6,7 @@ import keras
 
 from keras_hrp import lora
 from keras_hrp.settings import check_hrp_settings
+from keras_hrp.settings import check_variant
 from keras_hrp.settings import fail
 
 PHASES = ("preheat", "main")
@@ -84,7 +85,7 @@ class HRPDense(keras.layers.Dense):
         if self.rank is None:
             if self.preheat_rank is not None:
                 fail(owner, "`preheat_rank` needs `rank`", preheat_rank=self.preheat_rank)
-            check_hrp_settings(owner, 1, None, self.variant)
+            check_variant(owner, self.variant)
             return
         if lora_rank:
             fail(
