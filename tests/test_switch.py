@@ -84,7 +84,6 @@ def test_asymmetric_keeps_a_fixed_in_both_phases():
     keras_hrp.switch_to_main(model)
     a1 = numpy_of(layer.lora_kernel_a)
     assert a1.shape == (32, 4) and not layer.lora_kernel_a.trainable
-    assert principal_angle_cos(a1, a0) > 0.999 or a1.shape[1] <= a0.shape[1]
     # The kept directions lie in span(A0): the delta's column space.
     residual = a1 - a0 @ np.linalg.lstsq(a0, a1, rcond=None)[0]
     assert np.abs(residual).max() < 1e-4
