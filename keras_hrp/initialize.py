@@ -4,21 +4,11 @@ import keras
 from keras import ops
 
 from keras_hrp import lora
+from keras_hrp.gradients import weight_gradients
 from keras_hrp.initializers import baselines
+from keras_hrp.initializers import expected_norm
 
-
-def _keras_default(w, rank, scale=1.0):
-    initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)
-    return initializer((w.shape[0], rank), "float32"), ops.zeros((rank, w.shape[1])), None
-
-
-METHODS = {
-    "keras": _keras_default,
-    "gaussian": baselines.gaussian,
-    "pissa": baselines.pissa,
-    "milora": baselines.milora,
-    "olora": baselines.olora,
-}
+METHODS = ("keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "oracle")
 
 
 def _base_weight(layer):
@@ -31,41 +21,111 @@ def _base_weight(layer):
     return layer._embeddings if isinstance(layer, keras.layers.Embedding) else layer._kernel
 
 
-def initialize_lora(model_or_layers, method):
+def _lora_layers(model_or_layers):
+    if isinstance(model_or_layers, keras.Model):
+        return [
+            layer for layer in model_or_layers._flatten_layers(include_self=False)
+            if getattr(layer, "lora_enabled", False)
+        ]
+    return list(model_or_layers)
+
+
+def _gradients(model_or_layers, layers, data, loss):
+    if not isinstance(model_or_layers, keras.Model) or data is None:
+        raise ValueError(
+            "initialize_lora: method 'lora_ga' needs the model (not a list of layers) "
+            "and `data`, an iterable of (x, y) batches. Received: "
+            f"model_or_layers={type(model_or_layers).__name__}, data={data!r}"
+        )
+    model = model_or_layers
+    loss = loss if loss is not None else getattr(model, "loss", None)
+    if loss is None or isinstance(loss, (dict, list, tuple)):
+        raise ValueError(
+            "initialize_lora: method 'lora_ga' needs one loss: pass `loss` or compile "
+            f"the model with a single loss. Received: loss={loss!r}"
+        )
+    grads = weight_gradients(
+        model, [_base_weight(layer) for layer in layers], data, keras.losses.get(loss)
+    )
+    return dict(zip([layer.path for layer in layers], grads))
+
+
+def _target(targets, layer, shape):
+    if targets is None or layer.path not in targets:
+        raise ValueError(
+            f"initialize_lora: method 'oracle' needs `targets[{layer.path!r}]`, the "
+            f"true update of that layer. Received: targets keys="
+            f"{None if targets is None else sorted(targets)}"
+        )
+    return ops.reshape(ops.convert_to_tensor(targets[layer.path], "float32"), shape)
+
+
+def initialize_lora(
+    model_or_layers, method, data=None, loss=None, targets=None, svd="auto"
+):
     """Re-initializes the LoRA adapters of layers with Keras LoRA enabled.
 
-    Methods: `"keras"` (A he_uniform, B zeros), `"gaussian"`, `"pissa"`,
-    `"milora"`, `"olora"` (see `keras_hrp.initializers.baselines`). For HRP
-    use `enable_hrp` / `HRPDense` with `HRPCallback`. PiSSA, MiLoRA and OLoRA
-    move part of the frozen weight into the adapter and keep the residual in
-    the base weight, so the model's output (and the merged kernel Keras
-    exports) is unchanged at initialization.
+    Methods (pure functions in `keras_hrp.initializers.baselines`):
+    - `"keras"`: A he_uniform, B zeros (Keras' default); `"gaussian"`:
+      A ~ N(0, 1/r), B zeros.
+    - `"pissa"` / `"milora"`: the top / bottom `r` singular triplets of the
+      frozen weight; `"olora"`: its QR factors.
+    - `"lora_ga"`: from the SVD of the loss gradient of the frozen weight,
+      averaged over `data`.
+    - `"oracle"`: A from the top directions of a known update `targets`.
+    For HRP use `enable_hrp` / `HRPDense` with `HRPCallback`.
+
+    PiSSA, MiLoRA, OLoRA and LoRA-GA modify the base weight: they move part
+    of it into the adapter and keep the residual, so the model's output (and
+    the merged kernel Keras exports) is unchanged at initialization.
 
     Args:
         model_or_layers: a Keras model (every LoRA layer in it) or a list of
             layers, each a `Dense`, `EinsumDense` or `Embedding` with LoRA.
         method: one of `METHODS`.
+        data: `"lora_ga"` only: an iterable of `(x, y)` batches.
+        loss: `"lora_ga"` only: `loss(y_true, y_pred)`; defaults to the
+            compiled model's loss.
+        targets: `"oracle"` only: `{layer path: true update}`, each shaped
+            like the layer's weight (or its `(m, n)` matrix).
+        svd: `"auto"`, `"full"` or `"randomized"` (see
+            `keras_hrp.linalg.truncated_svd`), for PiSSA and LoRA-GA.
 
     Returns:
         The paths of the initialized layers.
+
+    Example:
+
+    >>> model.backbone.enable_lora(8)
+    >>> keras_hrp.initialize_lora(model, "pissa")
     """
     if method not in METHODS:
         raise ValueError(
             f"initialize_lora: unknown `method`; expected one of {sorted(METHODS)}. "
             f"Received: method={method!r}"
         )
-    if isinstance(model_or_layers, keras.Model):
-        layers = [
-            layer for layer in model_or_layers._flatten_layers(include_self=False)
-            if getattr(layer, "lora_enabled", False)
-        ]
-    else:
-        layers = list(model_or_layers)
+    layers = _lora_layers(model_or_layers)
+    grads = _gradients(model_or_layers, layers, data, loss) if method == "lora_ga" else None
     for layer in layers:
         a_var, b_var = lora.lora_factors(layer)
         base = _base_weight(layer)
-        w = ops.reshape(ops.cast(base, "float32"), lora.weight_matrix_shape(layer))
-        a, b, residual = METHODS[method](w, layer.lora_rank, scale=lora.lora_scale(layer))
+        shape, rank, scale = lora.weight_matrix_shape(layer), layer.lora_rank, lora.lora_scale(layer)
+        w = ops.reshape(ops.cast(base, "float32"), shape)
+        if method == "keras":
+            a = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)((shape[0], rank), "float32")
+            b, residual = ops.zeros((rank, shape[1])), None
+        elif method == "gaussian":
+            a, b, residual = baselines.gaussian(w, rank, scale)
+        elif method == "pissa":
+            a, b, residual = baselines.pissa(w, rank, scale, svd=svd)
+        elif method == "lora_ga":
+            grad = ops.reshape(grads[layer.path], shape)
+            a, b, residual = baselines.lora_ga(w, grad, rank, scale, svd=svd)
+        elif method == "oracle":
+            norm = expected_norm(lora.DEFAULT_A_INITIALIZER, a_var.shape)
+            a, b, residual = baselines.oracle(w, _target(targets, layer, shape), rank, norm)
+        else:
+            a, b, residual = getattr(baselines, method)(w, rank, scale)
         a_var.assign(ops.reshape(a, a_var.shape))
         b_var.assign(b)
         if residual is not None:

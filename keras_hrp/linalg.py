@@ -7,10 +7,18 @@ def _as_matrix(x, name):
     x = ops.convert_to_tensor(x, dtype="float32")
     if len(x.shape) != 2:
         raise ValueError(
-            f"svd_of_product: `{name}` must be a 2D matrix. "
+            f"`{name}` must be a 2D matrix. "
             f"Received: {name}.shape={tuple(x.shape)}"
         )
     return x
+
+
+def _check_rank(rank, max_rank, shapes):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"`rank` must be an integer in [1, {max_rank}] for {shapes}. "
+            f"Received: rank={rank!r}"
+        )
 
 
 def svd_of_product(a, b, rank=None):
@@ -50,11 +58,7 @@ def svd_of_product(a, b, rank=None):
     max_rank = min(m, n, k)
     if rank is None:
         rank = max_rank
-    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(
-            f"svd_of_product: `rank` must be an integer in [1, {max_rank}] "
-            f"for a.shape={(m, k)}, b.shape={(k, n)}. Received: rank={rank}"
-        )
+    _check_rank(rank, max_rank, f"a.shape={(m, k)}, b.shape={(k, n)}")
     q_a, r_a = ops.qr(a, mode="reduced")
     q_b, r_b = ops.qr(ops.transpose(b), mode="reduced")
     core = ops.matmul(r_a, ops.transpose(r_b))
@@ -62,3 +66,77 @@ def svd_of_product(a, b, rank=None):
     u = ops.matmul(q_a, u_core[:, :rank])
     v = ops.matmul(q_b, ops.transpose(vt_core[:rank, :]))
     return u, s[:rank], v
+
+
+def randomized_svd(w, rank, oversample=8, power_iterations=2, seed=None):
+    """Approximate top-`rank` SVD of `w` by randomized range finding.
+
+    Projects `w` on `rank + oversample` random directions, sharpens the
+    range with `power_iterations` rounds of `w w^T` (re-orthonormalized each
+    time), and decomposes the small projected matrix. Costs
+    O(m n (rank + oversample)) per round instead of O(m n min(m, n)); close
+    to exact when the spectrum decays past `rank`.
+
+    Args:
+        w: matrix of shape `(m, n)`.
+        rank: number of singular triplets, at most `min(m, n)`.
+        oversample: extra random directions (accuracy for speed).
+        power_iterations: rounds of power iteration.
+        seed: seed of the random projection.
+
+    Returns:
+        `(u, s, v)` shaped as `svd_of_product` returns them.
+
+    Example:
+
+    >>> u, s, v = randomized_svd(np.random.randn(2048, 1024), rank=8)
+    >>> u.shape, s.shape, v.shape
+    ((2048, 8), (8,), (1024, 8))
+    """
+    import keras
+
+    w = _as_matrix(w, "w")
+    m, n = w.shape
+    _check_rank(rank, min(m, n), f"w.shape={(m, n)}")
+    width = min(rank + oversample, m, n)
+    q, _ = ops.qr(ops.matmul(w, keras.random.normal((n, width), seed=seed)))
+    for _ in range(power_iterations):
+        p, _ = ops.qr(ops.matmul(ops.transpose(w), q))
+        q, _ = ops.qr(ops.matmul(w, p))
+    u_core, s, vt = ops.svd(ops.matmul(ops.transpose(q), w), full_matrices=False)
+    return ops.matmul(q, u_core[:, :rank]), s[:rank], ops.transpose(vt[:rank])
+
+
+RANDOMIZED_MIN_DIM = 1024
+
+
+def truncated_svd(w, rank, method="auto", seed=None):
+    """Top-`rank` SVD of `w`: dense for small matrices, randomized for large.
+
+    Args:
+        w: matrix of shape `(m, n)`.
+        rank: number of singular triplets.
+        method: `"full"` (dense SVD), `"randomized"` (`randomized_svd`) or
+            `"auto"`: randomized when `min(m, n) >= 1024` and
+            `4 * (rank + 8) <= min(m, n)`, where it is many times faster.
+        seed: seed of the randomized projection.
+
+    Returns:
+        `(u, s, v)` shaped as `svd_of_product` returns them.
+    """
+    w = _as_matrix(w, "w")
+    m, n = w.shape
+    if method not in ("auto", "full", "randomized"):
+        raise ValueError(
+            "truncated_svd: `method` must be 'auto', 'full' or 'randomized'. "
+            f"Received: method={method!r}"
+        )
+    _check_rank(rank, min(m, n), f"w.shape={(m, n)}")
+    small = min(m, n)
+    if method == "auto":
+        large = small >= RANDOMIZED_MIN_DIM and 4 * (rank + 8) <= small
+        method = "randomized" if large else "full"
+    if method == "randomized":
+        return randomized_svd(w, rank, seed=seed)
+    u, s, vt = ops.svd(w, full_matrices=False)
+    return u[:, :rank], s[:rank], ops.transpose(vt[:rank])

@@ -7,8 +7,25 @@ from keras_hrp import lora
 from tests.adapter_writer import probe_tokens
 from tests.adapter_writer import tiny_model
 from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
 
-METHODS = ["keras", "gaussian", "pissa", "milora", "olora"]
+METHODS = ["keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "oracle"]
+
+
+def _batches(n=2):
+    rng = np.random.default_rng(1)
+    return [(rng.integers(0, 100, size=(8, 12)).astype("int32"),
+             rng.integers(0, 3, size=(8,)).astype("int32")) for _ in range(n)]
+
+
+def _options(method, model):
+    if method == "lora_ga":
+        return {"data": _batches(), "loss": keras.losses.SparseCategoricalCrossentropy(True)}
+    if method == "oracle":
+        rng = np.random.default_rng(2)
+        return {"targets": {p: rng.normal(size=lora.weight_matrix_shape(layer))
+                            for p, layer in keras_hrp.adapters.lora_layers(model).items()}}
+    return {}
 
 
 def _lora_model():
@@ -26,7 +43,7 @@ def test_output_and_merged_weights_unchanged(method):
     before = model.predict(tokens, verbose=0)
     merged = {p: numpy_of(l.embeddings if hasattr(l, "lora_embeddings_a") else l.kernel)
               for p, l in keras_hrp.adapters.lora_layers(model).items()}
-    paths = keras_hrp.initialize_lora(model, method)
+    paths = keras_hrp.initialize_lora(model, method, **_options(method, model))
     assert sorted(paths) == ["embed", "ffn", "mha/query"]
     np.testing.assert_allclose(model.predict(tokens, verbose=0), before, rtol=1e-4, atol=1e-5)
     for path, layer in keras_hrp.adapters.lora_layers(model).items():
@@ -34,7 +51,7 @@ def test_output_and_merged_weights_unchanged(method):
         np.testing.assert_allclose(now, merged[path], atol=1e-4)  # base + delta == W
         a, b = (numpy_of(v) for v in lora.lora_factors(layer))
         assert np.abs(a).max() > 0
-        if method in ("keras", "gaussian"):
+        if method in ("keras", "gaussian", "oracle"):
             assert not np.any(b)
         else:
             assert np.abs(b).max() > 0
@@ -61,9 +78,56 @@ def test_pissa_model_trains():
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
+def test_lora_ga_follows_the_gradient_of_the_frozen_weight():
+    model = _lora_model()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(True))
+    ffn = model.get_layer("ffn")
+    data = _batches(3)
+    (grad,) = keras_hrp.gradients.weight_gradients(
+        model, [ffn._kernel], data, model.loss
+    )
+    keras_hrp.initialize_lora(model, "lora_ga", data=data)  # compiled loss
+    u, _, vt = np.linalg.svd(grad)
+    a, b = numpy_of(ffn.lora_kernel_a), numpy_of(ffn.lora_kernel_b)
+    assert principal_angle_cos(a, u[:, :3]) > 0.999
+    assert principal_angle_cos(b.T, vt[3:6].T) > 0.999
+
+
+def test_weight_gradients_match_the_analytic_gradient():
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(size=(16, 6)).astype("float32") for _ in range(2))
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(6, use_bias=False)])
+    layer = model.layers[0]
+    layer.enable_lora(2)  # the kernel is frozen now
+    w = numpy_of(layer.kernel)
+    (grad,) = keras_hrp.gradients.weight_gradients(
+        model, [layer._kernel], [(x, y)], keras.losses.MeanSquaredError()
+    )
+    np.testing.assert_allclose(grad, 2 * x.T @ (x @ w - y) / y.size, rtol=1e-4, atol=1e-5)
+    assert not layer._kernel.trainable
+
+
+def test_oracle_takes_the_target_directions():
+    model = _lora_model()
+    ffn = model.get_layer("ffn")
+    target = np.random.default_rng(3).normal(size=(32, 32))
+    keras_hrp.initialize_lora([ffn], "oracle", targets={"ffn": target})
+    a = numpy_of(ffn.lora_kernel_a)
+    u, _, _ = np.linalg.svd(target)
+    assert principal_angle_cos(a, u[:, :3]) > 0.999
+    np.testing.assert_allclose(np.linalg.norm(a), np.sqrt(2 * 3), rtol=1e-4)  # he_uniform
+
+
 def test_errors():
     with pytest.raises(ValueError, match="unknown `method`.*method='hrp'"):
         keras_hrp.initialize_lora(_lora_model(), "hrp")
+    model = _lora_model()
+    with pytest.raises(ValueError, match="'lora_ga' needs the model.*data=None"):
+        keras_hrp.initialize_lora(model, "lora_ga")
+    with pytest.raises(ValueError, match="one loss.*loss=None"):
+        keras_hrp.initialize_lora(model, "lora_ga", data=_batches())
+    with pytest.raises(ValueError, match=r"targets\['embed'\].*keys=None"):
+        keras_hrp.initialize_lora(model, "oracle")
     dense = keras.layers.Dense(4, name="q8")
     dense.build((None, 8))
     dense.enable_lora(2)

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from keras_hrp import svd_of_product
+from keras_hrp.linalg import randomized_svd
+from keras_hrp.linalg import truncated_svd
 from tests.helpers import numpy_of
 from tests.helpers import principal_angle_cos
 
@@ -57,3 +59,36 @@ def test_rank_deficient_product():
 def test_errors_name_argument_and_value(a_shape, b_shape, rank, match):
     with pytest.raises(ValueError, match=match):
         svd_of_product(np.ones(a_shape), np.ones(b_shape), rank)
+
+
+def _decaying(m, n, seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(m, min(m, n))))
+    v, _ = np.linalg.qr(rng.normal(size=(n, min(m, n))))
+    s = 0.7 ** np.arange(min(m, n))
+    return ((u * s) @ v.T).astype("float32"), s
+
+
+@pytest.mark.parametrize("method", ["randomized", "full", "auto"])
+def test_truncated_svd_matches_the_dense_svd(method):
+    w, s_true = _decaying(300, 200)
+    u, s, v = (numpy_of(t) for t in truncated_svd(w, 6, method=method, seed=1))
+    assert u.shape == (300, 6) and s.shape == (6,) and v.shape == (200, 6)
+    np.testing.assert_allclose(s, s_true[:6], rtol=1e-3)
+    u_true, _, vt_true = np.linalg.svd(w, full_matrices=False)
+    assert principal_angle_cos(u, u_true[:, :6]) > 0.999
+    assert principal_angle_cos(v, vt_true[:6].T) > 0.999
+
+
+def test_randomized_svd_on_a_large_matrix():
+    w, s_true = _decaying(1500, 1100)
+    u, s, v = (numpy_of(t) for t in randomized_svd(w, 8, seed=0))
+    np.testing.assert_allclose(s, s_true[:8], rtol=1e-3)
+    np.testing.assert_allclose(u.T @ u, np.eye(8), atol=1e-4)
+
+
+def test_truncated_svd_errors():
+    with pytest.raises(ValueError, match="method='qr'"):
+        truncated_svd(np.ones((4, 4)), 2, method="qr")
+    with pytest.raises(ValueError, match=r"\[1, 4\].*rank=5"):
+        truncated_svd(np.ones((4, 6)), 5)

@@ -10,6 +10,8 @@ import math
 
 from keras import ops
 
+from keras_hrp.linalg import truncated_svd
+
 
 def _weight(w, rank):
     w = ops.convert_to_tensor(w, dtype="float32")
@@ -28,14 +30,15 @@ def _split_singular(u, s, vt, scale):
     return u * root, ops.expand_dims(root, 1) * vt
 
 
-def pissa(w, rank, scale=1.0):
+def pissa(w, rank, scale=1.0, svd="auto"):
     """PiSSA: the top-`rank` singular triplets of `w` go into the adapter.
 
     Modifies the base weight: it keeps the residual `w - U_r S_r V_r^T`.
+    `svd` is `truncated_svd`'s method (randomized for large weights).
     """
     w = _weight(w, rank)
-    u, s, vt = ops.svd(w, full_matrices=False)
-    a, b = _split_singular(u[:, :rank], s[:rank], vt[:rank], scale)
+    u, s, v = truncated_svd(w, rank, method=svd)
+    a, b = _split_singular(u, s, ops.transpose(v), scale)
     return a, b, w - scale * ops.matmul(a, b)
 
 
@@ -70,3 +73,53 @@ def gaussian(w, rank, scale=1.0, stddev=None, seed=None):
     stddev = 1.0 / math.sqrt(rank) if stddev is None else stddev
     a = keras.random.normal((w.shape[0], rank), stddev=stddev, seed=seed)
     return a, ops.zeros((rank, w.shape[1])), None
+
+
+def lora_ga(w, grad, rank, scale=1.0, gamma=16.0, svd="auto"):
+    """LoRA-GA: the adapter's first step follows the full-weight gradient.
+
+    With `grad = U S V^T` (the loss gradient of the `(m, n)` weight),
+    `A = U[:, :r] c` and `B = V[:, r:2r]^T c`, `c = n^(1/4) / sqrt(gamma)`:
+    one step on `A` and `B` then moves the delta along the best rank-`2r`
+    approximation of `grad`. Modifies the base weight: it keeps
+    `w - scale * A @ B`.
+
+    Args:
+        w: the frozen weight, `(m, n)`.
+        grad: its loss gradient, `(m, n)`, averaged over a few batches.
+        rank: the LoRA rank `r`; needs `2r <= min(m, n)`.
+        scale: the LoRA scale.
+        gamma: LoRA-GA's stable-scale constant (larger: smaller factors).
+        svd: `truncated_svd`'s method.
+    """
+    w = _weight(w, rank)
+    grad = ops.convert_to_tensor(grad, dtype="float32")
+    if tuple(grad.shape) != tuple(w.shape) or 2 * rank > min(w.shape):
+        raise ValueError(
+            f"lora_ga: needs `grad` shaped like the weight {tuple(w.shape)} and "
+            f"2 * rank <= {min(w.shape)}. Received: grad.shape={tuple(grad.shape)}, "
+            f"rank={rank}"
+        )
+    u, _, v = truncated_svd(grad, 2 * rank, method=svd)
+    c = w.shape[1] ** 0.25 / math.sqrt(gamma)
+    a, b = u[:, :rank] * c, ops.transpose(v[:, rank:]) * c
+    return a, b, w - scale * ops.matmul(a, b)
+
+
+def oracle(w, target, rank, norm):
+    """`A` = the top-`rank` left singular directions of the true update.
+
+    For synthetic tasks where the update `target` (shaped like `w`) the
+    adapter should learn is known: what HRP approaches as its preheat rank
+    and length grow. `A` is scaled to Frobenius norm `norm`, `B = 0`; the
+    base weight is kept.
+    """
+    w = _weight(w, rank)
+    target = ops.convert_to_tensor(target, dtype="float32")
+    if tuple(target.shape) != tuple(w.shape):
+        raise ValueError(
+            f"oracle: `target` must have the weight's shape {tuple(w.shape)}. "
+            f"Received: target.shape={tuple(target.shape)}"
+        )
+    u, _, _ = truncated_svd(target, rank, method="full")
+    return u * (norm / math.sqrt(rank)), ops.zeros((rank, w.shape[1])), None

@@ -3,6 +3,7 @@ import pytest
 
 from keras_hrp.initializers import baselines
 from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
 
 
 def _w(m=30, n=20, seed=0):
@@ -36,3 +37,28 @@ def test_olora_a_is_orthonormal():
 def test_rank_error():
     with pytest.raises(ValueError, match=r"\[1, 20\].*rank=21"):
         baselines.pissa(_w(), 21)
+
+
+@pytest.mark.parametrize("svd", ["full", "randomized"])
+def test_lora_ga_factors_and_residual(svd):
+    w, grad = _w(), _w(seed=1)
+    a, b, residual = (numpy_of(t) for t in baselines.lora_ga(w, grad, 4, scale=0.5, svd=svd))
+    np.testing.assert_allclose(residual + 0.5 * a @ b, w, atol=1e-4)
+    u, _, vt = np.linalg.svd(grad)
+    c = 20 ** 0.25 / 4.0  # n^(1/4) / sqrt(gamma=16)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=0), c, rtol=1e-4)
+    if svd == "full":  # randomized is approximate on a flat spectrum
+        assert principal_angle_cos(a, u[:, :4]) > 0.999
+        assert principal_angle_cos(b.T, vt[4:8].T) > 0.999
+
+
+def test_lora_ga_errors():
+    with pytest.raises(ValueError, match=r"2 \* rank <= 20.*rank=11"):
+        baselines.lora_ga(_w(), _w(), 11)
+    with pytest.raises(ValueError, match=r"grad.shape=\(20, 30\)"):
+        baselines.lora_ga(_w(), _w().T, 2)
+
+
+def test_oracle_errors():
+    with pytest.raises(ValueError, match=r"target.shape=\(3, 3\)"):
+        baselines.oracle(_w(), np.ones((3, 3)), 2, norm=1.0)
