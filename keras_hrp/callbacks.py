@@ -4,6 +4,7 @@ import warnings
 
 import keras
 
+from keras_hrp.settings import check_switch_settings
 from keras_hrp.switch import WeightSnapshot
 from keras_hrp.switch import hrp_layers
 from keras_hrp.switch import switch_to_main
@@ -20,12 +21,21 @@ class HRPCallback(keras.callbacks.Callback):
     value before preheating (`restore_weights=True`), and the optimizer and
     compiled functions are rebuilt. Training goes on in the same `fit`.
 
+    The defaults are the paper's reading: the preheat is only a probe.
+    `init`, `restore_weights` and `warmup_steps` let the main phase keep
+    more of what the preheat learned (see the README's ablation).
+
     Args:
         preheat_steps: number of optimizer steps at the preheating rank.
         restore_weights: roll back every other weight training changed
             (heads, biases, normalization statistics) at the switch, so the
             model's output right after it equals its output before
-            preheating.
+            preheating. `False` keeps them as the preheat trained them.
+        init: `"directions"` (new `A` = the delta's top directions,
+            norm-matched; `B = 0`) or `"truncated_delta"` (the adapter keeps
+            the delta's best rank-`rank` approximation).
+        warmup_steps: if positive, the learning rate ramps up linearly over
+            this many steps after the switch.
         verbose: `1` prints one line per switch, `0` is silent.
 
     Attributes:
@@ -45,15 +55,25 @@ class HRPCallback(keras.callbacks.Callback):
     >>> model.fit(x, y, epochs=3, callbacks=[keras_hrp.HRPCallback(50)])
     """
 
-    def __init__(self, preheat_steps, restore_weights=True, verbose=1):
+    def __init__(
+        self,
+        preheat_steps,
+        restore_weights=True,
+        init="directions",
+        warmup_steps=0,
+        verbose=1,
+    ):
         super().__init__()
-        if not isinstance(preheat_steps, int) or preheat_steps < 1:
+        if isinstance(preheat_steps, bool) or not isinstance(preheat_steps, int) or preheat_steps < 1:
             raise ValueError(
                 "HRPCallback: `preheat_steps` must be a positive integer. "
                 f"Received: preheat_steps={preheat_steps!r}"
             )
+        check_switch_settings("HRPCallback", init, warmup_steps)
         self.preheat_steps = preheat_steps
         self.restore_weights = restore_weights
+        self.init = init
+        self.warmup_steps = warmup_steps
         self.verbose = verbose
         self.report = None
         self.switch_step = None
@@ -97,7 +117,9 @@ class HRPCallback(keras.callbacks.Callback):
         self._steps = self._epoch_offset + batch + 1
         if not self._active or self._steps < self.preheat_steps:
             return
-        self.report = switch_to_main(self.model, self._snapshot)
+        self.report = switch_to_main(
+            self.model, self._snapshot, init=self.init, warmup_steps=self.warmup_steps
+        )
         self.switch_step = self._steps
         self._snapshot = None
         self._active = False

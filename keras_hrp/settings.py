@@ -1,6 +1,9 @@
 """Validation of the HRP settings shared by `HRPDense` and `enable_hrp`."""
 
 VARIANTS = ("classic", "asymmetric")
+# How the main-rank adapter starts: the paper's reading (top directions into
+# A, B = 0) or the preheated delta truncated to rank r.
+SWITCH_INITS = ("directions", "truncated_delta")
 
 
 def fail(owner, message, **received):
@@ -28,3 +31,11 @@ def check_hrp_settings(owner, rank, preheat_rank, variant):
             preheat_rank=preheat_rank,
             rank=rank,
         )
+
+
+def check_switch_settings(owner, init, warmup_steps):
+    """Raises a `ValueError` naming `owner` for an invalid switch option."""
+    if init not in SWITCH_INITS:
+        fail(owner, f"`init` must be one of {SWITCH_INITS}", init=init)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        fail(owner, "`warmup_steps` must be a non-negative integer", warmup_steps=warmup_steps)

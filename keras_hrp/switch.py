@@ -17,6 +17,9 @@ from keras import ops
 from keras_hrp import lora
 from keras_hrp.initializers import expected_norm
 from keras_hrp.initializers import preheated_a
+from keras_hrp.initializers import preheated_factors
+from keras_hrp.schedules import LinearWarmup
+from keras_hrp.settings import check_switch_settings
 
 
 def hrp_layers(model, phase=None):
@@ -113,39 +116,44 @@ class SwitchReport(dict):
         return "\n".join(lines)
 
 
-def _new_a(layer, a, b, rank, norm):
-    """HRP `A` (a `(m, rank)` matrix), its report, or a reason to fall back."""
+def _new_factors(layer, a, b, rank, norm, init):
+    """`(A, B)` at `rank` and the report, or a reason to fall back."""
     scale = abs(lora.lora_scale(layer))
     if not bool(ops.all(ops.isfinite(a))) or not bool(ops.all(ops.isfinite(b))):
-        return None, None, None, "non-finite preheated adapter"
+        return None, None, None, None, "non-finite preheated adapter"
     try:
-        new_a, s, energy = preheated_a(a, b, rank, norm)
+        if init == "directions":
+            new_a, s, energy = preheated_a(a, b, rank, norm)
+            new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
+        else:
+            new_a, new_b, s, energy = preheated_factors(a, b, rank)
     except Exception as error:  # a failed SVD must not kill the run
-        return None, None, None, f"SVD failed: {error}"
+        return None, None, None, None, f"SVD failed: {error}"
     s = ops.convert_to_numpy(s) * scale
-    if not np.all(np.isfinite(s)) or not bool(ops.all(ops.isfinite(new_a))):
-        return None, s, None, "non-finite SVD result"
+    finite = bool(ops.all(ops.isfinite(new_a))) and bool(ops.all(ops.isfinite(new_b)))
+    if not np.all(np.isfinite(s)) or not finite:
+        return None, None, s, None, "non-finite SVD result"
     if s[0] == 0.0:
-        return None, s, None, "preheated delta is zero"
-    return new_a, s, float(energy), None
+        return None, None, s, None, "preheated delta is zero"
+    return new_a, new_b, s, float(energy), None
 
 
-def _switch_layer(layer):
+def _switch_layer(layer, init):
     rank = layer.hrp_rank
     a, b = lora.factor_matrices(layer)
     from_rank = b.shape[0]
     a_shape = lora.a_shape_at_rank(layer, rank)
     norm = expected_norm(lora.DEFAULT_A_INITIALIZER, a_shape)
-    new_a, s, energy, fallback = _new_a(layer, a, b, rank, norm)
+    new_a, new_b, s, energy, fallback = _new_factors(layer, a, b, rank, norm, init)
     if fallback:
         initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)
         new_a = initializer(a_shape, dtype="float32")
+        new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
         warnings.warn(
             f"HRP switch: layer '{layer.path}' falls back to a random rank-{rank} "
             f"init ({fallback}).",
             stacklevel=3,
         )
-    new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
     lora.replace_factors(
         layer, new_a, new_b, trainable_a=layer.hrp_variant != "asymmetric"
     )
@@ -175,15 +183,28 @@ def _retrack_torch_params(model, layers):
                 params[variable.path] = variable.value
 
 
-def rebuild_training_state(model):
+def _warmed_up(optimizer, warmup_steps):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    base = inner._learning_rate
+    if isinstance(base, keras.Variable):
+        base = float(ops.convert_to_numpy(base))
+    optimizer.learning_rate = LinearWarmup(base, warmup_steps)
+
+
+def rebuild_training_state(model, warmup_steps=0):
     """Fresh optimizer (new slots, `iterations` 0) and compiled functions.
 
     Call after variables were added or removed on a compiled model; works
-    inside `fit` on every backend, with or without jit.
+    inside `fit` on every backend, with or without jit. With
+    `warmup_steps > 0` the fresh optimizer's learning rate ramps up
+    linearly over that many steps (`LinearWarmup`). A learning-rate
+    schedule restarts from step 0 either way.
     """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         fresh = optimizer.__class__.from_config(optimizer.get_config())
+        if warmup_steps:
+            _warmed_up(fresh, warmup_steps)
         fresh.build(model.trainable_variables)
         model.optimizer = fresh
     if getattr(model, "compiled", False):
@@ -193,13 +214,16 @@ def rebuild_training_state(model):
         model.predict_function = None
 
 
-def switch_to_main(model, snapshot=None):
+def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
     """Switches every preheating HRP layer of `model` to its main rank.
 
-    For each layer in phase `"preheat"`: the top-`rank` left singular
-    directions of the preheated delta `scale * A @ B` become the new `A`
-    (norm-matched to the `A` initializer at rank `rank`), `B = 0`, and the
-    adapter variables are re-created at rank `rank`. A layer whose delta is
+    For each layer in phase `"preheat"`, with `init="directions"` (the
+    paper's reading): the top-`rank` left singular directions of the
+    preheated delta `scale * A @ B` become the new `A` (norm-matched to the
+    `A` initializer at rank `rank`) and `B = 0`, so the adapter adds nothing
+    yet. With `init="truncated_delta"` the adapter keeps the best rank-`rank`
+    approximation of the preheated delta instead. The adapter variables are
+    re-created at rank `rank`. A layer whose delta is
     not finite (or whose SVD fails) falls back to a random init, with a
     warning. Then `snapshot` (if given) is restored, the optimizer is
     replaced by a fresh one and the compiled functions are rebuilt. Use it
@@ -209,6 +233,9 @@ def switch_to_main(model, snapshot=None):
         model: a built Keras model with HRP layers in phase `"preheat"`.
         snapshot: a `WeightSnapshot` taken before preheating, to roll back
             every other weight; `None` keeps them as trained.
+        init: `"directions"` or `"truncated_delta"` (see above).
+        warmup_steps: if positive, the fresh optimizer's learning rate ramps
+            up linearly over this many steps.
 
     Returns:
         A `SwitchReport`.
@@ -219,6 +246,7 @@ def switch_to_main(model, snapshot=None):
     >>> ...  # preheat: a few training steps
     >>> report = keras_hrp.switch_to_main(model, snapshot)
     """
+    check_switch_settings("switch_to_main", init, warmup_steps)
     start = time.perf_counter()
     layers = hrp_layers(model, phase="preheat")
     if not layers:
@@ -228,11 +256,11 @@ def switch_to_main(model, snapshot=None):
         )
     report = SwitchReport()
     for layer in layers:
-        report[layer.path] = _switch_layer(layer)
+        report[layer.path] = _switch_layer(layer, init)
     gc.collect()  # frees the rank-R variables now
     if snapshot is not None:
         snapshot.restore()
     _retrack_torch_params(model, layers)
-    rebuild_training_state(model)
+    rebuild_training_state(model, warmup_steps)
     report.seconds = time.perf_counter() - start
     return report

@@ -114,9 +114,35 @@ def test_fit_ending_before_preheat_warns_and_next_fit_goes_on():
     np.testing.assert_allclose(probe.after_switch, before, rtol=1e-6, atol=1e-6)
 
 
+def test_options_reach_the_switch():
+    x, y = regression_data()
+    model = hrp_mlp()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    hrp = keras_hrp.HRPCallback(
+        5, restore_weights=False, init="truncated_delta", warmup_steps=8, verbose=0
+    )
+    seen = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if hrp.report is not None and "lr" not in seen:
+                seen["lr"] = float(numpy_of(self.model.optimizer.learning_rate))
+                seen["b"] = numpy_of(self.model.get_layer("hrp_1").lora_kernel_b)
+
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[hrp, Spy()], verbose=0)
+    assert seen["lr"] == pytest.approx(0.00125)  # step 0 of 8 after the switch
+    assert np.abs(seen["b"]).max() > 0  # B kept from the preheated delta
+    # 8 steps in all: 3 after the switch, so the next rate is 4/8 of 0.01.
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.005)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="HRPCallback.*preheat_steps=0"):
         keras_hrp.HRPCallback(0)
+    with pytest.raises(ValueError, match="HRPCallback.*init='delta'"):
+        keras_hrp.HRPCallback(3, init="delta")
+    with pytest.raises(ValueError, match="HRPCallback.*warmup_steps=1.5"):
+        keras_hrp.HRPCallback(3, warmup_steps=1.5)
     with pytest.raises(ValueError, match="preheat_steps=2.5"):
         keras_hrp.HRPCallback(2.5)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")], name="plain")

@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import keras
@@ -198,3 +199,58 @@ def test_fresh_optimizer_keeps_type_and_hyperparameters():
     assert not [v for v in fresh.variables if 12 in tuple(v.shape)]
     history = model.fit(x, y, epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_truncated_delta_keeps_the_best_rank_r_part_of_the_preheat(jit_compile):
+    x, y = regression_data()
+    model = _compiled(jit_compile)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    deltas = _deltas(model)
+    report = keras_hrp.switch_to_main(model, init="truncated_delta")
+    for layer in keras_hrp.hrp_layers(model):
+        u, s, vt = np.linalg.svd(deltas[layer.path])
+        best = (u[:, :4] * s[:4]) @ vt[:4]
+        np.testing.assert_allclose(_deltas(model)[layer.path], best, atol=1e-5 * s[0])
+        a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+        np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=1e-4)
+        assert report[layer.path].fallback is None
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_warmup_ramps_the_fresh_learning_rate():
+    x, y = regression_data(n=64)
+    model = _compiled(lr=0.01)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    keras_hrp.switch_to_main(model, warmup_steps=4)
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.0025)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # 2 steps
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.0075)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.01)
+
+
+def test_warmup_wraps_a_schedule_inside_a_loss_scale_optimizer(tmp_path):
+    x, y = regression_data(n=64)
+    model = hrp_mlp()
+    decay = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=1, decay_rate=0.5)
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(decay)), "mse")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    keras_hrp.switch_to_main(model, warmup_steps=2)
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.005)  # 0.01 * 1/2
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert float(numpy_of(model.optimizer.learning_rate)) == pytest.approx(0.0025)  # 0.01 / 4
+    path = os.path.join(tmp_path, "warm.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_switch_option_errors():
+    model = _compiled()
+    with pytest.raises(ValueError, match="switch_to_main.*`init`.*init='svd'"):
+        keras_hrp.switch_to_main(model, init="svd")
+    with pytest.raises(ValueError, match="switch_to_main.*warmup_steps=-1"):
+        keras_hrp.switch_to_main(model, warmup_steps=-1)
+    assert keras_hrp.hrp_layers(model, phase="preheat")  # nothing switched

@@ -69,3 +69,23 @@ def preheated_a(a, b, rank, norm):
     new_a = u[:, :rank] * (norm / math.sqrt(rank))
     energy = ops.sum(ops.square(s[:rank])) / ops.sum(ops.square(s))
     return new_a, s, energy
+
+
+def preheated_factors(a, b, rank):
+    """`(A, B)` whose product is the best rank-`rank` approximation of `a @ b`.
+
+    The alternative to `preheated_a` that keeps the preheated singular
+    values: the main phase starts where the preheat left off (truncated to
+    `rank`) instead of at `B = 0`. The factors are balanced:
+    `A = U_r sqrt(S_r)`, `B = sqrt(S_r) V_r^T`.
+
+    Returns:
+        `(new_a, new_b, singular_values, energy)`, the last two as in
+        `preheated_a`.
+    """
+    u, s, v = svd_of_product(a, b)
+    root = ops.sqrt(s[:rank])
+    new_a = u[:, :rank] * root
+    new_b = ops.expand_dims(root, 1) * ops.transpose(v[:, :rank])
+    energy = ops.sum(ops.square(s[:rank])) / ops.sum(ops.square(s))
+    return new_a, new_b, s, energy
