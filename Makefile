@@ -38,10 +38,14 @@ test: $(STAMP)
 	  $(BIN)/python -m pytest -q -rs tests/test_distribution.py || status=1; \
 	exit $$status
 
+# Quick versions of every benchmark (minutes); the full settings drop --quick.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_theory.py --quick
 	for backend in tensorflow jax torch; do \
 	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py --quick || exit 1; \
+	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_speed.py --quick || exit 1; \
 	done
+	KERAS_BACKEND=jax $(BIN)/python benchmarks/bench_quality.py --quick --ablation
 
 clean:
 	rm -rf $(VENV) .pytest_cache .data demo_results

@@ -1,0 +1,321 @@
+"""Quality on real data: every LoRA init (and full fine-tuning) on MiniLM.
+
+all-MiniLM-L6-v2 learns movie-review sentiment (the recipe's model and data)
+with fixed seeded splits: test, validation, train. Each method runs the same
+total number of optimizer steps (HRP's preheat and LoRA-GA's gradient
+batches count), LoRA rank 8 on the attention query/value projections. The
+learning rate is picked per method from a grid on the validation split
+(first seed), then every seed runs at that rate; the table reports test
+accuracy mean ± std. `--ablation` adds HRP variants on the validation split
+(run after the grid, before the extra seeds).
+
+Runs are cached (one JSON line each), so an interrupted run resumes.
+
+    KERAS_BACKEND=jax python benchmarks/bench_quality.py [--quick] [--ablation]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import finetune_minilm as recipe  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_hrp  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+LORA_METHODS = ["keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "hrp"]
+# HRP variants for the "when HRP does not win" ablation: name -> options.
+ABLATION = {
+    "paper (preheat 10%)": {},
+    "preheat 5 steps": {"preheat_steps": 5},
+    "preheat 2%": {"preheat_steps_share": 0.02},
+    "preheat rank 16": {"preheat_rank": 16},
+    "keep head (no roll back)": {"restore_weights": False},
+    "truncated delta": {"init": "truncated_delta"},
+    "truncated delta, keep head": {"init": "truncated_delta", "restore_weights": False},
+    "warm-up 10 steps": {"warmup_steps": 10},
+    "asymmetric": {"variant": "asymmetric"},
+}
+
+
+def splits(texts, args):
+    """Fixed (seed `--split-seed`) test / validation / train indices."""
+    order = np.random.default_rng(args.split_seed).permutation(len(texts))
+    test, val = order[: args.test_size], order[args.test_size : args.test_size + args.val_size]
+    return order[args.test_size + args.val_size :], val, test
+
+
+def encode(preprocessor, texts, labels, indices):
+    x = preprocessor([texts[i] for i in indices])
+    return {k: np.asarray(v) for k, v in x.items()}, np.asarray([labels[i] for i in indices], "int32")
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _accuracy(task, data):
+    x, y = data
+    return float(np.mean(np.argmax(task.predict(x, batch_size=256, verbose=0), -1) == y))
+
+
+def train_batches(train, seed, steps, batch_size):
+    """Exactly `steps` batches of the training split, shuffled by `seed`."""
+    x, y = train
+    order = np.resize(np.random.default_rng(seed).permutation(len(y)), steps * batch_size)
+    return {k: v[order] for k, v in x.items()}, y[order]
+
+
+def build(method, args, preset, options, x, y):
+    """The task for `method`, its callbacks and how many steps its init used."""
+    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    callbacks, init_steps = [], 0
+    if method == "hrp":
+        keras_hrp.enable_hrp(
+            task, rank=args.rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
+            variant=options.get("variant", "classic"),
+        )
+        share = options.get("preheat_steps_share")
+        preheat = max(1, round(share * args.steps)) if share else options.get("preheat_steps", args.preheat_steps)
+        callbacks.append(keras_hrp.HRPCallback(
+            preheat, restore_weights=options.get("restore_weights", True),
+            init=options.get("init", "directions"), warmup_steps=options.get("warmup_steps", 0),
+            verbose=0,
+        ))
+    elif method != "full":
+        task.backbone.enable_lora(args.rank)
+        if method == "lora_ga":
+            init_steps = args.ga_batches
+            size = args.batch_size
+            batches = [({k: v[i * size : (i + 1) * size] for k, v in x.items()},
+                        y[i * size : (i + 1) * size]) for i in range(init_steps)]
+            keras_hrp.initialize_lora(task, "lora_ga", data=batches, loss=_loss())
+        elif method != "keras":
+            keras_hrp.initialize_lora(task, method)
+    return task, callbacks, init_steps
+
+
+def run(method, lr, seed, args, preset, data, options=None):
+    options = options or {}
+    train, val, test = data
+    keras.utils.set_random_seed(seed)
+    x, y = train_batches(train, seed, args.steps, args.batch_size)
+    task, callbacks, init_steps = build(method, args, preset, options, x, y)
+    task.compile(optimizer=keras.optimizers.Adam(lr), loss=_loss(), metrics=["accuracy"])
+    curve = recipe.LossCurve()
+    params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
+    start = time.perf_counter()
+    skip = init_steps * args.batch_size  # LoRA-GA's gradient batches count as steps
+    x_fit = {k: v[skip:] for k, v in x.items()}
+    keras.Model.fit(task, x_fit, y[skip:], batch_size=args.batch_size, epochs=1,
+                    callbacks=callbacks + [curve], verbose=0)
+    seconds = time.perf_counter() - start
+    params = sum(int(np.prod(v.shape)) for v in task.trainable_variables) if method == "hrp" else params
+    return {
+        "val": _accuracy(task, val), "test": _accuracy(task, test), "seconds": seconds,
+        "params": params, "curve": [float(v) for v in curve.losses],
+    }
+
+
+class RunCache:
+    """One JSON line per finished run, keyed by its full setting."""
+
+    def __init__(self, path):
+        self.path, self.runs = path, {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    item = json.loads(line)
+                    self.runs[item["key"]] = item["result"]
+
+    def get(self, key, compute):
+        if key not in self.runs:
+            self.runs[key] = compute()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "result": self.runs[key]}) + "\n")
+        return self.runs[key]
+
+
+def _key(args, method, lr, seed, variant=""):
+    return (f"{keras.backend.backend()}|{method}|{variant}|lr={lr}|seed={seed}|steps={args.steps}"
+            f"|bs={args.batch_size}|r={args.rank}|R={args.preheat_rank}|P={args.preheat_steps}"
+            f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}")
+
+
+def pick_learning_rates(args, cache, preset, data):
+    """Per method, the grid's validation accuracies (seed 0) and the best rate."""
+    picked = {}
+    for method in args.methods:
+        grid = args.full_lrs if method == "full" else args.lrs
+        val = {lr: cache.get(_key(args, method, lr, 0), lambda: run(method, lr, 0, args, preset, data))["val"]
+               for lr in grid}
+        picked[method] = {"lr": max(grid, key=lambda lr: val[lr]), "val_grid": val}
+        print(f"{method:9s} validation grid {val}", flush=True)
+    return picked
+
+
+def compare(args, cache, preset, data, picked):
+    """Every seed of every method at its picked rate."""
+    table = {}
+    for method, item in picked.items():
+        best = item["lr"]
+        seeds = [cache.get(_key(args, method, best, s), lambda: run(method, best, s, args, preset, data))
+                 for s in range(args.seeds)]
+        table[method] = {**item, "runs": seeds}
+        tests = [r["test"] for r in seeds]
+        print(f"{method:9s} lr {best:g}: test {np.mean(tests):.4f} ± {np.std(tests):.4f}", flush=True)
+    return table
+
+
+def ablation(args, cache, preset, data, lr):
+    rows = {}
+    for name, options in ABLATION.items():
+        variant = json.dumps(options, sort_keys=True) if options else ""  # "" = compare()'s runs
+        runs = [cache.get(_key(args, "hrp", lr, s, variant=variant),
+                          lambda: run("hrp", lr, s, args, preset, data, options))
+                for s in range(args.ablation_seeds)]
+        rows[name] = runs
+        print(f"ablation {name:28s} val {np.mean([r['val'] for r in runs]):.4f}", flush=True)
+    return rows
+
+
+def _mean_std(values, scale=100.0):
+    return f"{scale * np.mean(values):.2f} ± {scale * np.std(values):.2f}"
+
+
+def write_markdown(args, table, rows, path, png):
+    backend = keras.backend.backend()
+    n_train, n_val, n_test = args.sizes
+    lines = [
+        "# Quality on real data: MiniLM + movie-review sentiment",
+        "",
+        f"`KERAS_BACKEND={backend} python benchmarks/bench_quality.py {' '.join(args.argv)}`".replace(" `", "`"),
+        "",
+        f"all-MiniLM-L6-v2, {n_train} train / {n_val} validation / {n_test} test sentences "
+        f"(split seed {args.split_seed}), {args.steps} optimizer steps per run, batch "
+        f"{args.batch_size}, sequence length {args.seq_len}, Adam, LoRA rank {args.rank} on "
+        f"q/v (KerasHub's targets), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
+        f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps). "
+        f"Learning rate per method: best validation accuracy of the grid at seed 0. "
+        f"{args.seeds} seeds at that rate. {os.cpu_count()} CPU cores.",
+        "",
+        "| method | lr | test accuracy % (mean ± std) | validation % | trainable params | s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, item in table.items():
+        runs = item["runs"]
+        lines.append(
+            f"| {method} | {item['lr']:g} | {_mean_std([r['test'] for r in runs])} | "
+            f"{_mean_std([r['val'] for r in runs])} | {runs[0]['params']:,} | "
+            f"{np.mean([r['seconds'] for r in runs]):.0f} |"
+        )
+    grid = "; ".join(
+        f"{m}: " + ", ".join(f"{lr:g} → {100 * v:.1f}" for lr, v in item["val_grid"].items())
+        for m, item in table.items()
+    )
+    lines += ["", f"Validation accuracy % over the grid (seed 0): {grid}.", ""]
+    if rows:
+        lines += [
+            f"## HRP ablation (validation split, lr {table['hrp']['lr']:g}, "
+            f"{args.ablation_seeds} seeds)",
+            "",
+            "| HRP variant | validation % | test % |",
+            "|---|---|---|",
+        ]
+        for name, runs in rows.items():
+            lines.append(f"| {name} | {_mean_std([r['val'] for r in runs])} | "
+                         f"{_mean_std([r['test'] for r in runs])} |")
+        lines.append("")
+    lines += [f"![loss curves]({os.path.basename(png)})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, item in table.items():
+        length = min(len(r["curve"]) for r in item["runs"])
+        losses = np.mean([r["curve"][:length] for r in item["runs"]], axis=0)
+        window = max(1, length // 15)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        offset = len(item["runs"][0]["curve"]) - length
+        ax.plot(np.arange(len(smooth)) + window + offset, smooth, label=method)
+    ax.set_xlabel("optimizer step (LoRA-GA starts after its gradient batches)")
+    ax.set_ylabel("training loss (moving mean, mean over seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny setting: checks the pipeline in minutes")
+    parser.add_argument("--ablation", action="store_true", help="also run the HRP ablation")
+    parser.add_argument("--methods", nargs="+", default=LORA_METHODS + ["full"],
+                        choices=LORA_METHODS + ["full"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ablation-seeds", type=int, default=2)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
+    parser.add_argument("--full-lrs", type=float, nargs="+", default=[3e-5, 1e-4])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--preheat-rank", type=int, default=32)
+    parser.add_argument("--preheat-steps", type=int, default=20)
+    parser.add_argument("--ga-batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=48)
+    parser.add_argument("--split-seed", type=int, default=1234)
+    parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--test-size", type=int, default=4000)
+    parser.add_argument("--cache", default=".data", help="where the data is cached")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.quick:
+        args.steps, args.seeds, args.ablation_seeds = 6, 1, 1
+        args.preheat_steps, args.ga_batches = 2, 1
+        args.lrs, args.full_lrs = args.lrs[:1], args.full_lrs[:1]
+        args.val_size, args.test_size = 64, 64
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    try:
+        preset = recipe.default_preset()
+        texts, labels = recipe.movie_reviews(args.cache)
+    except recipe.SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
+    train, val, test = splits(texts, args)
+    args.sizes = (len(train), len(val), len(test))
+    data = tuple(encode(preprocessor, texts, labels, part) for part in (train, val, test))
+    os.makedirs(args.out, exist_ok=True)
+    name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}"
+    cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"))
+    picked = pick_learning_rates(args, cache, preset, data)
+    rows = ablation(args, cache, preset, data, picked["hrp"]["lr"]) if args.ablation and "hrp" in picked else {}
+    table = compare(args, cache, preset, data, picked)
+    png = os.path.join(args.out, f"{name}.png")
+    plot(table, png)
+    write_markdown(args, table, rows, os.path.join(args.out, f"{name}.md"), png)
+    print(f"wrote {args.out}/{name}.md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

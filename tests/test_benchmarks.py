@@ -1,0 +1,94 @@
+"""The benchmark scripts: their claims' invariants on tiny settings."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import BACKEND
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py"]
+
+
+def _load(name):
+    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="argument parsing is backend-independent; once")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"],
+        capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": BACKEND},
+    )
+    assert out.returncode == 0 and "--quick" in out.stdout
+
+
+def test_theory_claims_on_a_small_setting(tmp_path):
+    theory = _load("bench_theory")
+    args = theory.parse(["--dim", "16", "--rank", "2", "--seeds", "3", "--steps", "60",
+                         "--preheat-steps", "20", "--spectra", "power-law", "flat",
+                         "--ablation-steps", "2", "20", "--out", str(tmp_path)])
+    rows = {(spectrum, variant): cells for spectrum, variant, cells in theory.main_table(args)}
+    asym = rows["power-law", "asymmetric"]
+    # Preheating at rank r with A frozen keeps span(A): exactly random init.
+    np.testing.assert_allclose(asym["HRP R=2"], asym["random"], rtol=1e-5)
+    assert asym["HRP R=16"][0] < asym["HRP R=4"][0] < asym["random"][0]
+    assert rows["power-law", "classic"]["HRP R=16"][0] < rows["power-law", "classic"]["random"][0]
+    np.testing.assert_allclose(rows["power-law", "classic"]["oracle"][0], 1.0, atol=0.02)
+    for cells in (rows["flat", "classic"], rows["flat", "asymmetric"]):
+        np.testing.assert_allclose([v[0] for v in cells.values()], 1.0, atol=1e-3)
+    assert theory.preheat_ranks(args) == [2, 4, 8, 16]
+
+
+def test_quality_splits_and_run_cache(tmp_path):
+    quality = _load("bench_quality")
+    args = quality.parse(["--val-size", "30", "--test-size", "50"])
+    train, val, test = quality.splits(list(range(200)), args)
+    assert (len(train), len(val), len(test)) == (120, 30, 50)
+    assert len(set(train) | set(val) | set(test)) == 200
+    again = quality.splits(list(range(200)), args)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
+    calls = []
+    path = os.path.join(tmp_path, "runs.jsonl")
+    first = quality.RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.5})
+    resumed = quality.RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.0})
+    assert first == resumed == {"val": 0.5} and calls == [1]
+    with open(path) as f:
+        assert json.loads(f.readline())["key"] == "k"
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="a real MiniLM run is minutes; once per CI, on JAX")
+def test_quality_quick_real_run(tmp_path):
+    quality = _load("bench_quality")
+    code = quality.main(["--quick", "--methods", "lora_ga", "hrp", "--out", str(tmp_path),
+                         "--cache", os.path.join(ROOT, ".data")])
+    assert code == 0
+    with open(os.path.join(tmp_path, "quality_jax_quick.md")) as f:
+        text = f.read()
+    assert "| lora_ga |" in text and "| hrp |" in text
+    runs = [json.loads(line)["result"] for line in open(os.path.join(tmp_path, "quality_jax_quick_runs.jsonl"))]
+    assert len(runs) == 2
+    assert sorted(len(r["curve"]) for r in runs) == [5, 6]  # LoRA-GA's batch counts as a step
+    assert all(0.0 <= r["test"] <= 1.0 for r in runs)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="minutes on MiniLM; once per CI, on torch")
+def test_speed_quick_run_reports_both_phases(tmp_path):
+    speed = _load("bench_speed")
+    args = speed.parse(["--quick", "--out", str(tmp_path)])
+    hrp = speed._subprocess_run(args, hrp=True)
+    stock = speed._subprocess_run(args, hrp=False)
+    assert 0 < hrp["switch_seconds"] < hrp["seconds"]
+    # Preheat: rank-32 adapters, their Adam slots and the roll-back snapshot.
+    assert hrp["first_state_bytes"] > 2 * hrp["final_state_bytes"]
+    assert hrp["final_state_bytes"] == stock["final_state_bytes"]  # same model after the switch
