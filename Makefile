@@ -46,6 +46,7 @@ bench: $(STAMP)
 	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_speed.py --quick || exit 1; \
 	done
 	KERAS_BACKEND=jax $(BIN)/python benchmarks/bench_quality.py --quick --ablation
+	$(BIN)/python benchmarks/bench_peft.py --quick   # creates benchmarks/.venv-peft once
 
 clean:
 	rm -rf $(VENV) .pytest_cache .data demo_results

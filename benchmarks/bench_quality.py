@@ -46,13 +46,6 @@ ABLATION = {
 }
 
 
-def splits(texts, args):
-    """Fixed (seed `--split-seed`) test / validation / train indices."""
-    order = np.random.default_rng(args.split_seed).permutation(len(texts))
-    test, val = order[: args.test_size], order[args.test_size : args.test_size + args.val_size]
-    return order[args.test_size + args.val_size :], val, test
-
-
 def encode(preprocessor, texts, labels, indices):
     x = preprocessor([texts[i] for i in indices])
     return {k: np.asarray(v) for k, v in x.items()}, np.asarray([labels[i] for i in indices], "int32")
@@ -110,19 +103,33 @@ def run(method, lr, seed, args, preset, data, options=None):
     x, y = train_batches(train, seed, args.steps, args.batch_size)
     task, callbacks, init_steps = build(method, args, preset, options, x, y)
     task.compile(optimizer=keras.optimizers.Adam(lr), loss=_loss(), metrics=["accuracy"])
-    curve = recipe.LossCurve()
+    curve, timer = recipe.LossCurve(), StepTimer()
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
     start = time.perf_counter()
     skip = init_steps * args.batch_size  # LoRA-GA's gradient batches count as steps
     x_fit = {k: v[skip:] for k, v in x.items()}
     keras.Model.fit(task, x_fit, y[skip:], batch_size=args.batch_size, epochs=1,
-                    callbacks=callbacks + [curve], verbose=0)
+                    callbacks=callbacks + [curve, timer], verbose=0)
     seconds = time.perf_counter() - start
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables) if method == "hrp" else params
     return {
         "val": _accuracy(task, val), "test": _accuracy(task, test), "seconds": seconds,
-        "params": params, "curve": [float(v) for v in curve.losses],
+        "params": params, "curve": [float(v) for v in curve.losses], "step_ms": timer.median_ms(),
     }
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Median wall time between batch ends (the first two, compiling, left out)."""
+
+    def on_train_begin(self, logs=None):
+        self.ends = [time.perf_counter()]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+    def median_ms(self):
+        steps = np.diff(self.ends)
+        return 1e3 * float(np.median(steps[2:] if len(steps) > 2 else steps))
 
 
 class RunCache:
@@ -301,7 +308,7 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
-    train, val, test = splits(texts, args)
+    train, val, test = recipe.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)
     args.sizes = (len(train), len(val), len(test))
     data = tuple(encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
@@ -312,6 +319,11 @@ def main(argv=None):
     table = compare(args, cache, preset, data, picked)
     png = os.path.join(args.out, f"{name}.png")
     plot(table, png)
+    summary = {m: {"lr": t["lr"], **{k: [r.get(k) for r in t["runs"]]
+                                     for k in ("test", "val", "params", "step_ms", "seconds")}}
+               for m, t in table.items()}
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     write_markdown(args, table, rows, os.path.join(args.out, f"{name}.md"), png)
     print(f"wrote {args.out}/{name}.md and .png")
     return 0

@@ -102,6 +102,14 @@ def read_table(path, delimiter=",", header=True):
     return [text for text, _ in rows], [label for _, label in rows]
 
 
+def split_indices(n, seed, val_size, test_size):
+    """Fixed `(train, validation, test)` index arrays of `n` examples."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n)
+    return order[test_size + val_size :], order[test_size : test_size + val_size], order[:test_size]
+
+
 class LossCurve:
     """Per-step training loss, from Keras' running epoch mean."""
 

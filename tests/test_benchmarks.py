@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py"]
+SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py"]
 
 
 def _load(name):
@@ -52,11 +52,10 @@ def test_theory_claims_on_a_small_setting(tmp_path):
 
 def test_quality_splits_and_run_cache(tmp_path):
     quality = _load("bench_quality")
-    args = quality.parse(["--val-size", "30", "--test-size", "50"])
-    train, val, test = quality.splits(list(range(200)), args)
+    train, val, test = quality.recipe.split_indices(200, 1234, val_size=30, test_size=50)
     assert (len(train), len(val), len(test)) == (120, 30, 50)
     assert len(set(train) | set(val) | set(test)) == 200
-    again = quality.splits(list(range(200)), args)
+    again = quality.recipe.split_indices(200, 1234, val_size=30, test_size=50)
     assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
     calls = []
     path = os.path.join(tmp_path, "runs.jsonl")

@@ -1,0 +1,117 @@
+"""The PEFT side of bench_peft.py; runs inside benchmarks/.venv-peft.
+
+Imports torch, transformers and peft only (no Keras). Reads a job file
+(model directory, the split texts and labels, the runs to do) and prints one
+JSON line per finished run.
+
+    benchmarks/.venv-peft/bin/python benchmarks/peft_worker.py JOB.json
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from peft import EvaConfig
+from peft import LoraConfig
+from peft import get_peft_model
+from peft import initialize_lora_eva_weights
+from peft.tuners.lora import LoraGAConfig
+from peft.tuners.lora import preprocess_loraga
+from transformers import AutoModelForSequenceClassification
+from transformers import AutoTokenizer
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora",
+         "lora_ga": "lora_ga", "eva": "eva"}
+
+
+def encode(tokenizer, texts, seq_len):
+    out = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len,
+                    return_tensors="pt")
+    return {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def batches(x, y, order, batch_size):
+    for start in range(0, len(order), batch_size):
+        idx = torch.as_tensor(order[start : start + batch_size])
+        yield {k: v[idx] for k, v in x.items()}, y[idx]
+
+
+def accuracy(model, x, y):
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for xb, yb in batches(x, y, np.arange(len(y)), 256):
+            correct += int((model(**xb).logits.argmax(-1) == yb).sum())
+    return correct / len(y)
+
+
+def build(run, job, x, y, order):
+    """The model for `run`, and how many of the steps its init used."""
+    model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=2)
+    if run["init"] == "full":
+        return model, 0
+    rank, bs = run["rank"], job["batch_size"]
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=rank, lora_alpha=rank, target_modules=["query", "value"],
+        init_lora_weights=INITS[run["init"]],
+        lora_ga_config=LoraGAConfig() if run["init"] == "lora_ga" else None,
+        eva_config=EvaConfig(rho=1.0) if run["init"] == "eva" else None,
+    )
+    init_steps = 0
+    if run["init"] == "lora_ga":
+        init_steps = job["ga_batches"]
+        head = order[: init_steps * bs]
+
+        def train_step():  # gradients accumulate over the batches
+            for xb, yb in batches(x, y, head, bs):
+                torch.nn.functional.cross_entropy(model(**xb).logits, yb).backward()
+
+        preprocess_loraga(model, config, train_step)
+    model = get_peft_model(model, config)
+    if run["init"] == "eva":
+        loader = [xb for xb, _ in batches(x, y, order[: job["ga_batches"] * bs], bs)]
+        initialize_lora_eva_weights(model, loader)
+    return model, init_steps
+
+
+def train(run, job, data):
+    torch.manual_seed(run["seed"])
+    (x, y), val, test = data
+    order = np.resize(np.random.default_rng(run["seed"]).permutation(len(y)),
+                      job["steps"] * job["batch_size"])
+    model, init_steps = build(run, job, x, y, order)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=run["lr"], eps=1e-7)  # Keras Adam's epsilon
+    model.train()
+    times, losses = [], []
+    for xb, yb in batches(x, y, order[init_steps * job["batch_size"] :], job["batch_size"]):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(**xb).logits, yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return {"val": accuracy(model, *val), "test": accuracy(model, *test), "params": params,
+            "step_ms": 1e3 * float(np.median(times[2:] or times)), "curve": losses,
+            "threads": torch.get_num_threads()}
+
+
+def main(path):
+    with open(path) as f:
+        job = json.load(f)
+    torch.set_num_threads(job["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    data = tuple(
+        (encode(tokenizer, part["texts"], job["seq_len"]), torch.as_tensor(part["labels"]))
+        for part in (job["train"], job["val"], job["test"])
+    )
+    for run in job["runs"]:
+        print(json.dumps({"run": run, "result": train(run, job, data)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
