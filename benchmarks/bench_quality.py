@@ -135,8 +135,8 @@ class StepTimer(keras.callbacks.Callback):
 class RunCache:
     """One JSON line per finished run, keyed by its full setting."""
 
-    def __init__(self, path):
-        self.path, self.runs = path, {}
+    def __init__(self, path, report_only=False):
+        self.path, self.runs, self.report_only = path, {}, report_only
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
@@ -144,6 +144,8 @@ class RunCache:
                     self.runs[item["key"]] = item["result"]
 
     def get(self, key, compute):
+        if key not in self.runs and self.report_only:
+            return None
         if key not in self.runs:
             self.runs[key] = compute()
             with open(self.path, "a") as f:
@@ -176,6 +178,7 @@ def compare(args, cache, preset, data, picked):
         best = item["lr"]
         seeds = [cache.get(_key(args, method, best, s), lambda: run(method, best, s, args, preset, data))
                  for s in range(args.seeds)]
+        seeds = [r for r in seeds if r is not None]  # --report-only: the runs done so far
         table[method] = {**item, "runs": seeds}
         tests = [r["test"] for r in seeds]
         print(f"{method:9s} lr {best:g}: test {np.mean(tests):.4f} ± {np.std(tests):.4f}", flush=True)
@@ -189,6 +192,7 @@ def ablation(args, cache, preset, data, lr):
         runs = [cache.get(_key(args, "hrp", lr, s, variant=variant),
                           lambda: run("hrp", lr, s, args, preset, data, options))
                 for s in range(args.ablation_seeds)]
+        runs = [r for r in runs if r is not None]
         rows[name] = runs
         print(f"ablation {name:28s} val {np.mean([r['val'] for r in runs]):.4f}", flush=True)
     return rows
@@ -214,13 +218,13 @@ def write_markdown(args, table, rows, path, png):
         f"Learning rate per method: best validation accuracy of the grid at seed 0. "
         f"{args.seeds} seeds at that rate. {os.cpu_count()} CPU cores.",
         "",
-        "| method | lr | test accuracy % (mean ± std) | validation % | trainable params | s / run |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | seeds | test accuracy % (mean ± std) | validation % | trainable params | s / run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, item in table.items():
         runs = item["runs"]
         lines.append(
-            f"| {method} | {item['lr']:g} | {_mean_std([r['test'] for r in runs])} | "
+            f"| {method} | {item['lr']:g} | {len(runs)} | {_mean_std([r['test'] for r in runs])} | "
             f"{_mean_std([r['val'] for r in runs])} | {runs[0]['params']:,} | "
             f"{np.mean([r['seconds'] for r in runs]):.0f} |"
         )
@@ -271,6 +275,8 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny setting: checks the pipeline in minutes")
     parser.add_argument("--ablation", action="store_true", help="also run the HRP ablation")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the cached runs; run nothing")
     parser.add_argument("--methods", nargs="+", default=LORA_METHODS + ["full"],
                         choices=LORA_METHODS + ["full"])
     parser.add_argument("--steps", type=int, default=200)
@@ -290,7 +296,7 @@ def parse(argv):
     parser.add_argument("--cache", default=".data", help="where the data is cached")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     if args.quick:
         args.steps, args.seeds, args.ablation_seeds = 6, 1, 1
         args.preheat_steps, args.ga_batches = 2, 1
@@ -313,7 +319,7 @@ def main(argv=None):
     data = tuple(encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
     name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}"
-    cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"))
+    cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"), args.report_only)
     picked = pick_learning_rates(args, cache, preset, data)
     rows = ablation(args, cache, preset, data, picked["hrp"]["lr"]) if args.ablation and "hrp" in picked else {}
     table = compare(args, cache, preset, data, picked)
