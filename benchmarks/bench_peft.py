@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 RESULTS = os.path.join(HERE, "results")
 VENV = os.path.join(HERE, ".venv-peft")
 PEFT_INITS = ["default", "gaussian", "pissa", "olora", "lora_ga", "eva"]
+DEFAULT_CONFIGS = [("default", 8)] + [(init, 48) for init in PEFT_INITS if init != "gaussian"] + [("full", 0)]
 
 
 def ensure_venv(path):
@@ -84,9 +85,20 @@ def _save(args, cache):
         json.dump(cache, f)
 
 
+def parse_config(text):
+    """`"pissa:48"` -> ("pissa", 48); `"full"` -> ("full", 0)."""
+    init, _, rank = text.partition(":")
+    if init == "full" and not rank:
+        return init, 0
+    if init not in PEFT_INITS or not rank.isdigit() or int(rank) < 1:
+        raise argparse.ArgumentTypeError(
+            f"a PEFT run is INIT:RANK with INIT in {PEFT_INITS}, or 'full'. Received: {text!r}")
+    return init, int(rank)
+
+
 def peft_table(args, python):
     cache = json.load(open(_cache_path(args))) if os.path.exists(_cache_path(args)) else {}
-    configs = [(init, rank) for init in args.inits for rank in args.ranks] + [("full", 0)]
+    configs = args.configs
     grid = {(init, rank): args.full_lrs if init == "full" else args.lrs for init, rank in configs}
     first = [{"init": i, "rank": r, "lr": lr, "seed": 0} for (i, r) in configs for lr in grid[i, r]]
     results = dict(zip([json.dumps(run, sort_keys=True) for run in first],
@@ -107,7 +119,8 @@ def keras_table(args):
     for backend in args.keras_backends:
         out = os.path.join(args.out, "peft_keras")
         command = [sys.executable, os.path.join(HERE, "bench_quality.py"), "--methods", *args.keras_methods,
-                   "--steps", str(args.steps), "--seeds", str(args.seeds), "--lrs", *map(str, args.lrs),
+                   "--steps", str(args.steps), "--seeds", str(args.keras_seeds),
+                   "--lrs", *map(str, args.keras_lrs),
                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                    "--val-size", str(args.val_size), "--test-size", str(args.test_size),
                    "--split-seed", str(args.split_seed), "--ga-batches", str(args.ga_batches),
@@ -137,20 +150,22 @@ def write_markdown(args, table, path):
         f"Both sides: all-MiniLM-L6-v2, the splits of bench_quality.py (split seed {args.split_seed}, "
         f"{args.val_size} validation / {args.test_size} test), {args.steps} steps of batch "
         f"{args.batch_size}, sequence length {args.seq_len}, Adam (eps 1e-7), LoRA scale 1 on q/v, "
-        f"classifier head trained; learning rate per row from {args.lrs} (full fine-tuning "
-        f"{args.full_lrs}) on validation at seed 0; {args.seeds} seeds. HRP's preheat and "
+        f"classifier head trained. PEFT rows: learning rate from {args.lrs} (full fine-tuning "
+        f"{args.full_lrs}) picked on validation at seed 0, {args.seeds} seeds. keras-hrp rows: "
+        f"learning rate from {args.keras_lrs}, {args.keras_seeds} seed(s) (bench_quality.py has "
+        f"the 3-seed comparison). HRP's preheat and "
         f"LoRA-GA's {args.ga_batches} gradient batches count as steps; EVA's {args.ga_batches} "
         f"forward-only batches do not. {os.cpu_count()} CPU cores.",
         "",
-        "| run | lr | test accuracy % | trainable params | median step (ms) | threads |",
-        "|---|---|---|---|---|---|",
+        "| run | lr | seeds | test accuracy % | trainable params | median step (ms) | threads |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, item in table.items():
         runs = item["runs"]
         tests = [100 * r["test"] for r in runs]
         steps = [r["step_ms"] for r in runs if r.get("step_ms") is not None]
         lines.append(
-            f"| {name} | {item['lr']:g} | {np.mean(tests):.2f} ± {np.std(tests):.2f} | "
+            f"| {name} | {item['lr']:g} | {len(runs)} | {np.mean(tests):.2f} ± {np.std(tests):.2f} | "
             f"{runs[0]['params']:,} | {np.median(steps) if steps else float('nan'):.0f} | "
             f"{runs[0].get('threads', '')} |"
         )
@@ -163,15 +178,18 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny setting: checks both sides in minutes")
     parser.add_argument("--setup-only", action="store_true", help="create the PEFT venv and stop")
-    parser.add_argument("--inits", nargs="+", default=PEFT_INITS, choices=PEFT_INITS)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 48], help="48 matches Keras rank 8")
+    parser.add_argument("--configs", type=parse_config, nargs="+", default=DEFAULT_CONFIGS,
+                        help="PEFT runs as INIT:RANK or 'full'; rank 48 matches Keras rank 8's parameters")
     parser.add_argument("--keras-backends", nargs="*", default=["jax", "tensorflow", "torch"])
     parser.add_argument("--keras-methods", nargs="+", default=["keras", "hrp"])
+    parser.add_argument("--keras-lrs", type=float, nargs="+", default=[2e-3],
+                        help="default: what bench_quality.py picked on validation for both")
+    parser.add_argument("--keras-seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=2, help="PEFT seeds at the picked rate")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[3e-5, 1e-4])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (both sides)")
     parser.add_argument("--preheat-steps", type=int, default=20)
     parser.add_argument("--ga-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -187,7 +205,7 @@ def parse(argv):
     if args.quick:
         args.steps, args.seeds, args.preheat_steps, args.ga_batches = 6, 1, 2, 1
         args.lrs, args.full_lrs, args.val_size, args.test_size = args.lrs[:1], args.full_lrs[:1], 64, 64
-        args.ranks = args.ranks[:1]
+        args.keras_lrs = args.keras_lrs[:1]
     return args
 
 

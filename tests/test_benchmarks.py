@@ -66,6 +66,23 @@ def test_quality_splits_and_run_cache(tmp_path):
         assert json.loads(f.readline())["key"] == "k"
 
 
+def test_peft_configs_and_table(tmp_path):
+    peft = _load("bench_peft")
+    args = peft.parse(["--out", str(tmp_path)])
+    assert ("default", 8) in args.configs and ("full", 0) in args.configs
+    assert {init for init, rank in args.configs if rank == 48} == {"default", "pissa", "olora", "lora_ga", "eva"}
+    assert peft.parse(["--configs", "gaussian:16", "full"]).configs == [("gaussian", 16), ("full", 0)]
+    for bad in ("pissa", "lora:8", "eva:0"):
+        with pytest.raises(peft.argparse.ArgumentTypeError, match=f"Received: '{bad}'"):
+            peft.parse_config(bad)
+    runs = [{"test": t, "val": 0.8, "params": 73_728, "step_ms": ms, "threads": 2}
+            for t, ms in ((0.80, 100.0), (0.82, 120.0))]
+    path = os.path.join(tmp_path, "peft.md")
+    peft.write_markdown(args, {"PEFT LoRA r=48, init pissa": {"lr": 5e-4, "runs": runs}}, path)
+    row = open(path).read().splitlines()[-1]
+    assert row == "| PEFT LoRA r=48, init pissa | 0.0005 | 2 | 81.00 ± 1.00 | 73,728 | 110 | 2 |"
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="a real MiniLM run is minutes; once per CI, on JAX")
 def test_quality_quick_real_run(tmp_path):
     quality = _load("bench_quality")
