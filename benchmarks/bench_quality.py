@@ -5,7 +5,8 @@ with fixed seeded splits: test, validation, train. Each method runs the same
 total number of optimizer steps (HRP's preheat and LoRA-GA's gradient
 batches count), LoRA rank 8 on the attention query/value projections. The
 learning rate is picked per method from a grid on the validation split
-(first seed), then every seed runs at that rate; the table reports test
+(first seed; a pick at the grid's edge extends the grid past it), then every
+seed runs at that rate; the table reports test
 accuracy mean ± std. `--ablation` adds HRP variants on the validation split
 (run after the grid, before the extra seeds).
 
@@ -159,14 +160,42 @@ def _key(args, method, lr, seed, variant=""):
             f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}")
 
 
+def rate_beyond_edge(val):
+    """The next rate to try when the best of `val` ({rate: accuracy}) is at an edge, else None.
+
+    The new rate lies one grid ratio (the outermost spacing) beyond that edge.
+    """
+    grid = sorted(val)
+    if len(grid) < 2:
+        return None
+    best = max(grid, key=lambda lr: val[lr])
+    if best == grid[-1]:
+        return float(f"{best * grid[-1] / grid[-2]:.3g}")
+    if best == grid[0]:
+        return float(f"{best * grid[0] / grid[1]:.3g}")
+    return None
+
+
 def pick_learning_rates(args, cache, preset, data):
-    """Per method, the grid's validation accuracies (seed 0) and the best rate."""
+    """Per method, the validation accuracies (seed 0) over the grid and the best rate.
+
+    A best rate at the grid's edge extends the grid past it, `--extend-grid` times at most.
+    """
     picked = {}
     for method in args.methods:
-        grid = args.full_lrs if method == "full" else args.lrs
-        val = {lr: cache.get(_key(args, method, lr, 0), lambda: run(method, lr, 0, args, preset, data))["val"]
-               for lr in grid}
-        picked[method] = {"lr": max(grid, key=lambda lr: val[lr]), "val_grid": val}
+        grid = list(args.full_lrs if method == "full" else args.lrs)
+        val = {}
+        for extension in range(args.extend_grid + 1):
+            for lr in grid:
+                result = cache.get(_key(args, method, lr, 0), lambda: run(method, lr, 0, args, preset, data))
+                if result is not None:  # --report-only: the runs done so far
+                    val[lr] = result["val"]
+            beyond = rate_beyond_edge(val) if extension < args.extend_grid else None
+            if beyond is None:
+                break
+            grid = [beyond]
+        val = dict(sorted(val.items()))
+        picked[method] = {"lr": max(val, key=val.get), "val_grid": val}
         print(f"{method:9s} validation grid {val}", flush=True)
     return picked
 
@@ -215,7 +244,8 @@ def write_markdown(args, table, rows, path, png):
         f"{args.batch_size}, sequence length {args.seq_len}, Adam, LoRA rank {args.rank} on "
         f"q/v (KerasHub's targets), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
         f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps). "
-        f"Learning rate per method: best validation accuracy of the grid at seed 0. "
+        f"Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
+        f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
         f"{args.seeds} seeds at that rate. {os.cpu_count()} CPU cores.",
         "",
         "| method | lr | seeds | test accuracy % (mean ± std) | validation % | trainable params | s / run |",
@@ -284,6 +314,8 @@ def parse(argv):
     parser.add_argument("--ablation-seeds", type=int, default=2)
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[3e-5, 1e-4])
+    parser.add_argument("--extend-grid", type=int, default=1,
+                        help="times a best rate at the grid's edge adds the next rate past it")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preheat-rank", type=int, default=32)
     parser.add_argument("--preheat-steps", type=int, default=20)
@@ -298,7 +330,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     if args.quick:
-        args.steps, args.seeds, args.ablation_seeds = 6, 1, 1
+        args.steps, args.seeds, args.ablation_seeds, args.extend_grid = 6, 1, 1, 0
         args.preheat_steps, args.ga_batches = 2, 1
         args.lrs, args.full_lrs = args.lrs[:1], args.full_lrs[:1]
         args.val_size, args.test_size = 64, 64

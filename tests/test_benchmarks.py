@@ -66,6 +66,15 @@ def test_quality_splits_and_run_cache(tmp_path):
         assert json.loads(f.readline())["key"] == "k"
 
 
+def test_quality_grid_extends_past_an_edge_pick():
+    beyond = _load("bench_quality").rate_beyond_edge
+    assert beyond({5e-4: 0.80, 2e-3: 0.82}) == 8e-3
+    assert beyond({5e-4: 0.83, 2e-3: 0.82}) == 1.25e-4
+    assert beyond({3e-5: 0.84, 1e-4: 0.83}) == 9e-6
+    assert beyond({5e-4: 0.80, 2e-3: 0.84, 8e-3: 0.81}) is None
+    assert beyond({2e-3: 0.84}) is None
+
+
 def test_peft_configs_and_table(tmp_path):
     peft = _load("bench_peft")
     args = peft.parse(["--out", str(tmp_path)])
