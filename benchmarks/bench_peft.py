@@ -169,9 +169,33 @@ def write_markdown(args, table, path):
             f"{runs[0]['params']:,} | {np.median(steps) if steps else float('nan'):.0f} | "
             f"{runs[0].get('threads', '')} |"
         )
-    lines.append("")
+    lines += ["", f"![accuracy and step time]({os.path.basename(path)[:-3]}.png)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def plot(table, path):
+    """Test accuracy (mean ± std) and median step time per row, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)[::-1]
+    runs = [table[name]["runs"] for name in names]
+    colors = ["C1" if name.startswith("keras-hrp") else "C0" for name in names]
+    fig, (acc_ax, time_ax) = plt.subplots(1, 2, sharey=True, figsize=(11, 0.35 * len(names) + 1.5))
+    acc = [100 * np.mean([r["test"] for r in rs]) for rs in runs]
+    acc_ax.barh(names, acc, xerr=[100 * np.std([r["test"] for r in rs]) for rs in runs], color=colors)
+    acc_ax.set_xlim(min(acc) - 3, max(acc) + 2)
+    acc_ax.set_xlabel("test accuracy % (mean ± std over seeds)")
+    ms = [np.median([r["step_ms"] for r in rs if r.get("step_ms") is not None] or [np.nan]) for rs in runs]
+    time_ax.barh(names, ms, color=colors)
+    time_ax.set_xlabel("median training step (ms)")
+    labels = [f"{name} ({rs[0]['params'] / 1e3:,.0f}k)" for name, rs in zip(names, runs)]
+    acc_ax.set_yticks(range(len(names)), labels, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def parse(argv):
@@ -224,6 +248,7 @@ def main(argv=None):
     table = {**keras_table(args), **peft_table(args, python)}
     path = os.path.join(args.out, f"peft{'_quick' if args.quick else ''}.md")
     write_markdown(args, table, path)
+    plot(table, path[:-3] + ".png")
     print(open(path).read())
     return 0
 

@@ -116,7 +116,7 @@ def one_run(args, hrp):
     steps = np.diff([start] + recorder.batch_ends)
     out = {"seconds": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "first_state_bytes": recorder.first_state, "final_state_bytes": _state_bytes(task),
-           "median_step": float(np.median(steps))}
+           "median_step": float(np.median(steps)), "steps_ms": [float(t) * 1e3 for t in steps]}
     if hrp:
         at = args.preheat_steps  # steps[at] is the first step after the switch
         out.update(switch_seconds=callback.report.seconds, first_main_step=float(steps[at]))
@@ -194,11 +194,41 @@ def main(argv=None):
         "",
     ]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"speed_{backend}{'_quick' if args.quick else ''}.md")
-    with open(path, "w") as f:
+    path = os.path.join(args.out, f"speed_{backend}{'_quick' if args.quick else ''}")
+    lines += [f"![step times]({os.path.basename(path)}.png)", ""]
+    with open(f"{path}.md", "w") as f:
         f.write("\n".join(lines))
+    with open(f"{path}.json", "w") as f:
+        json.dump({"interleaved_step_s": steps, "runs": runs}, f)
+    plot(args, backend, runs, f"{path}.png")
     print("\n".join(lines))
     return 0
+
+
+def plot(args, backend, runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, state_ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for name, run in runs.items():
+        time_ax.plot(np.arange(1, len(run["steps_ms"]) + 1), run["steps_ms"],
+                     label="HRP" if name == "hrp" else "stock LoRA", lw=1)
+    time_ax.axvline(args.preheat_steps + 0.5, color="gray", ls=":", label="switch")
+    time_ax.set_yscale("log")
+    time_ax.set_xlabel("step")
+    time_ax.set_ylabel("wall time per step (ms, log)")
+    time_ax.set_title(f"one whole run each, {backend}")
+    time_ax.legend()
+    mib = 1 / 2**20
+    bars = {"HRP preheat": runs["hrp"]["first_state_bytes"], "HRP main": runs["hrp"]["final_state_bytes"],
+            "stock": runs["stock"]["final_state_bytes"]}
+    state_ax.bar(list(bars), [b * mib for b in bars.values()], color=["C1", "C1", "C0"])
+    state_ax.set_ylabel("training state (MiB)")
+    state_ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

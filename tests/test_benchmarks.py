@@ -87,9 +87,12 @@ def test_peft_configs_and_table(tmp_path):
     runs = [{"test": t, "val": 0.8, "params": 73_728, "step_ms": ms, "threads": 2}
             for t, ms in ((0.80, 100.0), (0.82, 120.0))]
     path = os.path.join(tmp_path, "peft.md")
-    peft.write_markdown(args, {"PEFT LoRA r=48, init pissa": {"lr": 5e-4, "runs": runs}}, path)
-    row = open(path).read().splitlines()[-1]
-    assert row == "| PEFT LoRA r=48, init pissa | 0.0005 | 2 | 81.00 ± 1.00 | 73,728 | 110 | 2 |"
+    table = {"PEFT LoRA r=48, init pissa": {"lr": 5e-4, "runs": runs}}
+    peft.write_markdown(args, table, path)
+    peft.plot(table, path[:-3] + ".png")
+    rows = [line for line in open(path).read().splitlines() if line.startswith("| PEFT")]
+    assert rows == ["| PEFT LoRA r=48, init pissa | 0.0005 | 2 | 81.00 ± 1.00 | 73,728 | 110 | 2 |"]
+    assert os.path.getsize(path[:-3] + ".png") > 1000
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="a real MiniLM run is minutes; once per CI, on JAX")
