@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
@@ -60,9 +61,9 @@ def peft_runs(args, python, runs, cache):
         job = {"model_dir": recipe.default_preset(), "train": parts[0], "val": parts[1],
                "test": parts[2], "runs": todo, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "ga_batches": args.ga_batches, "threads": args.threads}
-        path = os.path.join(args.out, "peft_job.json")
-        with open(path, "w") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
+            path = f.name
         worker = subprocess.Popen([python, os.path.join(HERE, "peft_worker.py"), path],
                                   stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -71,7 +72,9 @@ def peft_runs(args, python, runs, cache):
             cache[_key(args, item["run"])] = item["result"]
             _save(args, cache)
             print(f"peft {item['run']}: val {item['result']['val']:.4f}", flush=True)
-        if worker.wait() != 0:
+        code = worker.wait()
+        os.remove(path)
+        if code != 0:
             raise RuntimeError("the PEFT worker failed; see its output above")
     return [cache[_key(args, run)] for run in runs]
 
