@@ -32,6 +32,7 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_hrp  # noqa: E402
+from keras_hrp.state import run_state  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -99,7 +100,7 @@ class _Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.batch_ends.append(time.perf_counter())
         if self.first_state is None:
-            snapshot = self.hrp._snapshot if self.hrp is not None else None
+            snapshot = run_state(self.model).snapshot if self.hrp is not None else None
             self.first_state = _state_bytes(self.model, snapshot)
 
 

@@ -19,6 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_hrp  # noqa: E402
+from keras_hrp import internals  # noqa: E402
 
 
 def make_task(d, rank, decay, n, seed):
@@ -47,7 +48,7 @@ def run(method, variant, task, args, seed):
     else:
         layer = keras_hrp.HRPDense(d, rank=args.rank, variant=variant, use_bias=False)
     model = keras.Sequential([keras.Input((d,)), layer])
-    layer._kernel.assign(w0)
+    internals.base_weight(layer).assign(w0)
     model.compile(keras.optimizers.Adam(args.lr), "mse")
     callbacks = [keras_hrp.HRPCallback(args.preheat_steps, verbose=0)] if method == "hrp" else []
     start = time.perf_counter()

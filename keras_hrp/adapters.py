@@ -1,35 +1,36 @@
-"""Adapter files: every LoRA layer's factors, keyed by layer path.
+"""Adapter files: every LoRA layer's factors and HRP state, keyed by layer path.
 
-One `.npz` file (no pickle) holds, for each LoRA layer, `A`, `B`, the rank,
-Keras' `lora_alpha`, and the layer's other trainable weights (the biases that
-KerasHub-style LoRA trains). Paths, not layer indices, identify layers, so a
-file cannot load into the wrong layers; it loads on any backend.
+One `.npz` file (no pickle, written atomically) holds, for each LoRA layer,
+`A`, `B`, the rank, Keras' `lora_alpha`, the layer's other trainable
+weights (the biases that KerasHub-style LoRA trains) and its `HRPState`.
+Paths, not layer indices, identify layers, so a file cannot load into the
+wrong layers; it loads on any backend.
 """
 
-import json
+import os
 
 import keras
-import numpy as np
 from keras import ops
 
+from keras_hrp import checkpoints
+from keras_hrp import files
+from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import settings
+from keras_hrp.state import HRPState
+from keras_hrp.state import layer_state
+from keras_hrp.switch import rebuild_training_state
 
-_META = "__keras_hrp_adapters__"
-FORMAT_VERSION = 1
-
-
-def _layers_by_path(model):
-    return {
-        layer.path: layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-    }
+KIND = "adapters"
+VERSION = 2
+VERSIONS = (1, 2)
 
 
 def lora_layers(model):
     """The layers of `model` (itself included) with a Keras LoRA adapter, by path."""
     return {
-        path: layer
-        for path, layer in _layers_by_path(model).items()
+        layer.path: layer
+        for layer in internals.all_layers(model)
         if getattr(layer, "lora_enabled", False)
     }
 
@@ -40,119 +41,185 @@ def _extras(layer):
     return {v.name: v for v in layer.trainable_weights if id(v) not in factors}
 
 
+def _check_model(owner, model):
+    if not isinstance(model, keras.layers.Layer):
+        settings.fail(owner, "`model` must be a Keras model or layer", error=TypeError, model=model)
+
+
 def save_adapters(model, path):
-    """Saves every LoRA adapter of `model` to `path` (a `.npz` file).
+    """Saves every LoRA adapter of `model` to `path`, exactly that path.
+
+    The file is written to a temporary file and renamed, so an interrupted
+    save never leaves a half-written file at `path`.
 
     Args:
         model: a Keras model with LoRA layers (`enable_hrp`, `HRPDense`,
             `enable_lora`, ...).
-        path: file path; `.npz` is appended by numpy if missing.
+        path: the file to write (any name; `.npz` is customary).
 
     Example:
 
     >>> keras_hrp.save_adapters(backbone, "movie.adapters.npz")
     """
+    owner = "save_adapters"
+    _check_model(owner, model)
+    path = settings.path(owner, "path", path)
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(
-            f"save_adapters: model '{model.name}' has no LoRA layer. "
-            f"Received: model={model.name}"
-        )
-    arrays, meta = {}, {"format": FORMAT_VERSION, "layers": {}}
-    for layer_path, layer in layers.items():
+        settings.fail(owner, f"model '{model.name}' has no LoRA layer", model=model.name)
+    arrays, entries = {}, []
+    for i, (layer_path, layer) in enumerate(layers.items()):
         a, b = lora.lora_factors(layer)
         extras = _extras(layer)
-        meta["layers"][layer_path] = {
+        state = layer_state(layer)
+        entries.append({
+            "path": layer_path,
             "rank": int(layer.lora_rank),
             "lora_alpha": float(layer.lora_alpha),
             "extras": sorted(extras),
-        }
-        arrays[f"{layer_path}::A"] = ops.convert_to_numpy(a)
-        arrays[f"{layer_path}::B"] = ops.convert_to_numpy(b)
-        for name, variable in extras.items():
-            arrays[f"{layer_path}::{name}"] = ops.convert_to_numpy(variable)
-    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **arrays)
+            "state": None if state is None else state.to_dict(),
+        })
+        arrays[f"layer{i}.A"] = ops.convert_to_numpy(a)
+        arrays[f"layer{i}.B"] = ops.convert_to_numpy(b)
+        for j, name in enumerate(sorted(extras)):
+            arrays[f"layer{i}.extra{j}"] = ops.convert_to_numpy(extras[name])
+    files.write(path, KIND, VERSION, {"layers": entries}, arrays)
 
 
-def _read(path):
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    if _META not in arrays:
-        raise ValueError(f"load_adapters: not a keras-hrp adapter file. Received: path={path!r}")
-    return json.loads(arrays.pop(_META).tobytes().decode()), arrays
+def _read(path, owner):
+    """The file's layers as `[(entry, A, B, {extra name: value})]`."""
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"  # written by keras-hrp 0.1, which let numpy add `.npz`
+    header, arrays = files.read(path, KIND, VERSIONS, owner)
+    try:
+        if header.get("format") == 1:
+            return [
+                (
+                    {"path": p, "state": None, **info},
+                    arrays[f"{p}::A"], arrays[f"{p}::B"],
+                    {name: arrays[f"{p}::{name}"] for name in info["extras"]},
+                )
+                for p, info in header["layers"].items()
+            ]
+        return [
+            (
+                entry, arrays[f"layer{i}.A"], arrays[f"layer{i}.B"],
+                {name: arrays[f"layer{i}.extra{j}"] for j, name in enumerate(entry["extras"])},
+            )
+            for i, entry in enumerate(header["layers"])
+        ]
+    except (KeyError, TypeError, AttributeError) as error:
+        settings.fail(owner, f"damaged adapter file ({type(error).__name__}: {error})", path=path)
 
 
-def _expected_a_shape(layer, rank):
-    m, _ = lora.weight_matrix_shape(layer)
-    if isinstance(layer, keras.layers.EinsumDense):
-        return tuple(layer.kernel.shape[:-1]) + (rank,)
-    return (m, rank)
+def _target_state(layer, entry, owner):
+    """The `HRPState` a layer takes from the file (`None`: plain LoRA)."""
+    where = f"{owner}, layer '{entry['path']}'"
+    if entry["state"] is not None:
+        return HRPState.from_dict(entry["state"], where)
+    current = layer_state(layer)
+    if current is None:
+        return None
+    rank = entry["rank"]
+    if rank not in (current.rank, current.preheat_rank):
+        return f"file rank {rank} is neither the layer's main rank {current.rank} nor its preheat rank"
+    phase = "main" if rank == current.rank else "preheat"
+    return HRPState(**{**current.to_dict(), "phase": phase})
 
 
-def _mismatches(model, meta, arrays):
-    layers = lora_layers(model)
-    everything = _layers_by_path(model)
-    problems = []
-    for layer_path, info in meta["layers"].items():
-        layer = everything.get(layer_path)
+def _mismatches(model, items, owner):
+    """`(problems, plan)`: every mismatch, and per layer what to load."""
+    layers = {layer.path: layer for layer in internals.all_layers(model)}
+    problems, plan = [], []
+    for entry, a, b, extras in items:
+        layer_path, rank = entry["path"], entry["rank"]
+        layer = layers.get(layer_path)
         if layer is None or not hasattr(layer, "enable_lora"):
             problems.append(f"{layer_path}: no such LoRA-capable layer in the model")
             continue
-        rank = info["rank"]
-        if layer.lora_enabled and layer.lora_rank != rank:
-            problems.append(f"{layer_path}: file rank {rank}, layer rank {layer.lora_rank}")
+        state = _target_state(layer, entry, owner)
+        if isinstance(state, str):
+            problems.append(f"{layer_path}: {state}")
             continue
-        a = arrays[f"{layer_path}::A"]
-        b = arrays[f"{layer_path}::B"]
-        want_a = _expected_a_shape(layer, rank)
-        want_b = (rank, lora.weight_matrix_shape(layer)[1])
+        if layer.lora_enabled and layer.lora_rank != rank and layer_state(layer) is None:
+            problems.append(
+                f"{layer_path}: file rank {rank}, layer rank {layer.lora_rank} (a plain LoRA "
+                "layer keeps its rank; load into a layer without LoRA, or an HRP layer, to "
+                "take the file's)"
+            )
+            continue
+        want_a, want_b = lora.a_shape_at_rank(layer, rank), lora.b_shape_at_rank(layer, rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(
                 f"{layer_path}: file A{tuple(a.shape)} B{tuple(b.shape)}, "
                 f"layer needs A{want_a} B{want_b}"
             )
         weights = {v.name: v for v in layer.weights}
-        for name in info["extras"]:
-            value = arrays[f"{layer_path}::{name}"]
+        for name, value in extras.items():
             if name not in weights or tuple(weights[name].shape) != value.shape:
                 problems.append(f"{layer_path}: weight '{name}' {value.shape} does not fit")
-    for layer_path in sorted(set(layers) - set(meta["layers"])):
+        plan.append((layer, entry, state, a, b, extras))
+    covered = {entry["path"] for entry, *_ in items}
+    for layer_path in sorted(set(lora_layers(model)) - covered):
         problems.append(f"{layer_path}: LoRA layer of the model missing from the file")
-    return problems
+    return problems, plan
 
 
 def load_adapters(model, path):
     """Loads adapters saved by `save_adapters` into `model`, by layer path.
 
-    Layers without LoRA get it, at the file's rank and alpha. Everything is
+    Layers without LoRA get it, at the file's rank and alpha. HRP layers
+    (`enable_hrp`, `HRPDense`) take the file's rank and HRP state: a model
+    set up as in training (still preheating) comes out in its main phase,
+    so a later `HRPCallback` does not preheat again. If the model's
+    optimizer is built it is rebuilt for the new variables. Everything is
     checked before anything is written: on any mismatch (missing paths,
-    ranks or shapes), a `ValueError` lists all of them and the model is left
-    unchanged.
+    ranks or shapes), a `ValueError` lists all of them and the model is
+    left unchanged.
 
     Args:
         model: a built Keras model with the same architecture.
         path: a file written by `save_adapters`.
     """
-    meta, arrays = _read(path)
-    problems = _mismatches(model, meta, arrays)
+    owner = "load_adapters"
+    _check_model(owner, model)
+    path = settings.path(owner, "path", path)
+    problems, plan = _mismatches(model, _read(path, owner), owner)
     if problems:
-        raise ValueError(
-            f"load_adapters: '{path}' does not fit model '{model.name}' "
-            f"({len(problems)} mismatches):\n  " + "\n  ".join(problems)
+        settings.fail(
+            owner,
+            f"'{path}' does not fit model '{model.name}' ({len(problems)} mismatches):\n  "
+            + "\n  ".join(problems),
+            path=path,
         )
-    everything = _layers_by_path(model)
-    for layer_path, info in meta["layers"].items():
-        layer = everything[layer_path]
-        if not layer.lora_enabled:
-            layer.enable_lora(info["rank"], lora_alpha=info["lora_alpha"])
-        layer.lora_alpha = info["lora_alpha"]
-        a, b = lora.lora_factors(layer)
-        a.assign(arrays[f"{layer_path}::A"])
-        b.assign(arrays[f"{layer_path}::B"])
-        weights = {v.name: v for v in layer.weights}
-        for name in info["extras"]:
-            weights[name].assign(arrays[f"{layer_path}::{name}"])
+    resized = []
+    with internals.distribution_scope(model):
+        for layer, entry, state, a, b, extras in plan:
+            rank = entry["rank"]
+            if not layer.lora_enabled:
+                layer.enable_lora(rank, lora_alpha=entry["lora_alpha"])
+                resized.append(layer)
+            elif layer.lora_rank != rank:
+                lora.resize(layer, rank)
+                resized.append(layer)
+            layer.lora_alpha = entry["lora_alpha"]
+            if state is not None:
+                layer.hrp_state = state
+                checkpoints.guard(layer)
+            a_var, b_var = lora.lora_factors(layer)
+            a_var.assign(a)
+            b_var.assign(b)
+            weights = {v.name: v for v in layer.weights}
+            for name, value in extras.items():
+                weights[name].assign(value)
+    if resized:
+        internals.retrack_torch_params(
+            model, [v for layer in resized for v in lora.lora_factors(layer)]
+        )
+        if getattr(getattr(model, "optimizer", None), "built", False):
+            rebuild_training_state(model)
+        else:
+            internals.drop_compiled_functions(model)
 
 
 def revive_adapters(model):
@@ -162,7 +229,8 @@ def revive_adapters(model):
     sets `A = B = 0` on LoRA layers, after which both gradients are zero
     forever. With `B = 0`, a fresh he_uniform `A` changes no output and lets
     the adapter train again. Layers prepared by `enable_hrp` do this by
-    themselves on `load_weights`; call it after `keras.saving.load_model`.
+    themselves on `load_weights`; call it after `keras.saving.load_model`
+    of a model with stock LoRA layers.
 
     Args:
         model: a Keras model or layer.
@@ -170,11 +238,4 @@ def revive_adapters(model):
     Returns:
         The paths of the revived layers.
     """
-    revived = []
-    for layer_path, layer in lora_layers(model).items():
-        a, b = lora.lora_factors(layer)
-        if not np.any(ops.convert_to_numpy(a)) and not np.any(ops.convert_to_numpy(b)):
-            initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)  # new seed
-            a.assign(initializer(tuple(a.shape), dtype="float32"))
-            revived.append(layer_path)
-    return revived
+    return [path for path, layer in lora_layers(model).items() if lora.revive(layer)]

@@ -4,29 +4,43 @@ import warnings
 
 import keras
 
-from keras_hrp.settings import check_switch_settings
+from keras_hrp import checkpoints
+from keras_hrp import internals
+from keras_hrp import settings
+from keras_hrp.state import hrp_layers
+from keras_hrp.state import run_state
 from keras_hrp.switch import WeightSnapshot
-from keras_hrp.switch import hrp_layers
 from keras_hrp.switch import switch_to_main
 
 
 class HRPCallback(keras.callbacks.Callback):
     """Preheats HRP layers, switches them to their main rank, trains on.
 
-    The callback counts optimizer steps (`steps_per_execution` included) and
-    at the first batch end at or after `preheat_steps` calls
-    `keras_hrp.switch_to_main` on `self.model`: each HRP layer's new `A` is
+    The callback counts optimizer updates (`optimizer.iterations`: one per
+    `steps_per_execution` step, one per `gradient_accumulation_steps`
+    batches, across epochs, fits and resumed runs) and at the first batch
+    end after `preheat_steps` of them calls `keras_hrp.switch_to_main` on
+    `self.model`: each HRP layer's new `A` is
     taken from the top singular directions of its preheated delta, `B = 0`,
     the adapter shrinks to its main rank, every other weight returns to its
     value before preheating (`restore_weights=True`), and the optimizer and
     compiled functions are rebuilt. Training goes on in the same `fit`.
+
+    Long runs: the preheat's progress, the phases and the roll-back
+    snapshot live on the model and travel with its checkpoints
+    (`BackupAndRestore`, `ModelCheckpoint`, in any order of the callbacks;
+    see `keras_hrp.checkpoints`). At the switch, `EarlyStopping` and
+    `ReduceLROnPlateau` of the same `fit` start afresh and a
+    `ModelCheckpoint`'s best value returns to its value before the preheat:
+    "best" means best since the switch, since the roll back makes preheat
+    epochs incomparable with main ones.
 
     The defaults are the paper's reading: the preheat is only a probe.
     `init`, `restore_weights` and `warmup_steps` let the main phase keep
     more of what the preheat learned (see the README's ablation).
 
     Args:
-        preheat_steps: number of optimizer steps at the preheating rank.
+        preheat_steps: number of optimizer updates at the preheating rank.
         restore_weights: roll back every other weight training changed
             (heads, biases, normalization statistics) at the switch, so the
             model's output right after it equals its output before
@@ -42,8 +56,8 @@ class HRPCallback(keras.callbacks.Callback):
         report: the `SwitchReport` of the switch (`None` before it): per
             layer path, the preheated singular values and the fraction of
             the delta's energy the kept directions capture.
-        switch_step: the optimizer step the switch came after (`None`
-            before it).
+        switch_step: the preheat updates done when the switch came
+            (`None` before it).
 
     Example:
 
@@ -64,72 +78,130 @@ class HRPCallback(keras.callbacks.Callback):
         verbose=1,
     ):
         super().__init__()
-        if isinstance(preheat_steps, bool) or not isinstance(preheat_steps, int) or preheat_steps < 1:
-            raise ValueError(
-                "HRPCallback: `preheat_steps` must be a positive integer. "
-                f"Received: preheat_steps={preheat_steps!r}"
-            )
-        check_switch_settings("HRPCallback", init, warmup_steps)
-        self.preheat_steps = preheat_steps
-        self.restore_weights = restore_weights
-        self.init = init
-        self.warmup_steps = warmup_steps
-        self.verbose = verbose
+        owner = "HRPCallback"
+        self.preheat_steps = settings.integer(owner, "preheat_steps", preheat_steps, minimum=1)
+        self.init, self.warmup_steps, self.restore_weights = settings.check_switch_settings(
+            owner, init, warmup_steps, restore_weights
+        )
+        self.verbose = settings.integer(owner, "verbose", verbose, minimum=0)
         self.report = None
         self.switch_step = None
-        self._steps = 0
-        self._epoch_offset = 0
-        self._snapshot = None
+        self._siblings = []
+        self._checkpoint_best = {}
+        self._started = False
         self._active = False
+        self._begin = 0
+        self._unchecked = 0
+
+    def set_model(self, model):
+        super().set_model(model)
+        checkpoints.attach(model)
+        self._siblings = internals.sibling_callbacks(self)
 
     def on_train_begin(self, logs=None):
         model = self.model
+        self._started = self._active = False
+        if not hrp_layers(model):
+            settings.fail(
+                "HRPCallback",
+                f"model '{model.name}' has no HRP-managed layer "
+                "(e.g. HRPDense with `rank` and `preheat_rank`, or enable_hrp)",
+                layers=[layer.name for layer in model.layers],
+            )
+        unbuilt = [layer.name for layer in hrp_layers(model) if not layer.built]
+        if unbuilt and self.restore_weights:  # TensorFlow builds these inside step 1
+            settings.fail(
+                "HRPCallback",
+                f"model '{model.name}' is not built when fit starts, so its weights "
+                "before preheating cannot be recorded. Build it first (keras.Input, "
+                "model.build(shape) or one call on data), or pass restore_weights=False",
+                unbuilt_layers=unbuilt,
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self._started:
+            self._start()
+        self._begin = batch
+
+    def _start(self):
+        """Runs once per fit, after every callback's `on_train_begin`.
+
+        A `BackupAndRestore` may have restored the model by then, in either
+        order of the callbacks: the phases, the preheat's progress and the
+        snapshot are read from the model, not kept here.
+        """
+        self._started = True
+        model = self.model  # syncs the JAX state
         if not hrp_layers(model, phase="preheat"):
-            if hrp_layers(model):
+            warnings.warn(
+                f"HRPCallback: model '{model.name}' is already in its main phase (switched "
+                "earlier, or loaded from a file written after the switch); the callback "
+                "does nothing in this fit.",
+                stacklevel=2,
+            )
+            return
+        run = run_state(model)
+        done = run.count_updates(model)
+        if self.restore_weights and run.snapshot is None:
+            if done == 0:
+                run.snapshot = WeightSnapshot(model)
+            else:
                 warnings.warn(
-                    f"HRPCallback: model '{model.name}' is already switched to its "
-                    "main rank; the callback does nothing in this fit.",
+                    f"HRPCallback: the preheat of model '{model.name}' began ({done} updates) "
+                    "without a roll-back snapshot, so the switch cannot restore the other "
+                    "weights; they stay as trained.",
                     stacklevel=2,
                 )
-                self._active = False
-                return
-            raise ValueError(
-                f"HRPCallback: model '{model.name}' has no HRP-managed layer "
-                "(e.g. HRPDense with `rank` and `preheat_rank`). "
-                f"Received: layers={[layer.name for layer in model.layers]}"
-            )
-        if self.restore_weights and self._snapshot is None:
-            unbuilt = [layer.name for layer in hrp_layers(model) if not layer.built]
-            if unbuilt:  # TensorFlow builds such models inside the first step
-                raise ValueError(
-                    f"HRPCallback: model '{model.name}' is not built when fit starts, "
-                    "so its weights before preheating cannot be recorded. Build it "
-                    "first (keras.Input, model.build(shape) or one call on data), or "
-                    f"pass restore_weights=False. Received: unbuilt layers={unbuilt}"
-                )
-            self._snapshot = WeightSnapshot(model)
+        self._checkpoint_best = {
+            id(cb): cb.best for cb in self._siblings
+            if isinstance(cb, keras.callbacks.ModelCheckpoint)
+        }
+        optimizer = getattr(model, "optimizer", None)
+        self._accumulation = getattr(optimizer, "gradient_accumulation_steps", None) or 1
+        self._done = done
+        self._unchecked = 0
         self._active = True
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_offset = self._steps
-
     def on_train_batch_end(self, batch, logs=None):
-        self._steps = self._epoch_offset + batch + 1
-        if not self._active or self._steps < self.preheat_steps:
+        if not self._active:
+            return
+        # `batch - begin + 1` steps ran (steps_per_execution); at most that
+        # many optimizer updates. Count them exactly (a JAX state sync) only
+        # once the bound reaches the preheat's length.
+        self._unchecked += batch - self._begin + 1
+        if self._done + self._unchecked // self._accumulation + 1 < self.preheat_steps:
+            return
+        model = self.model
+        run = run_state(model)
+        if not hrp_layers(model, phase="preheat"):  # switched by a load
+            self._active = False
+            return
+        self._done, self._unchecked = run.count_updates(model), 0
+        if self._done < self.preheat_steps:
             return
         self.report = switch_to_main(
-            self.model, self._snapshot, init=self.init, warmup_steps=self.warmup_steps
+            model, run.snapshot, init=self.init, warmup_steps=self.warmup_steps
         )
-        self.switch_step = self._steps
-        self._snapshot = None
+        self.switch_step = self._done
+        run.snapshot = None
         self._active = False
+        self._reset_monitors()
         if self.verbose:
             self._print_switch()
 
+    def _reset_monitors(self):
+        """Preheat epochs are not comparable with main ones: forget them."""
+        for cb in self._siblings:
+            if isinstance(cb, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)):
+                cb.on_train_begin()  # their public reset
+            elif id(cb) in self._checkpoint_best:
+                cb.best = self._checkpoint_best[id(cb)]
+
     def on_train_end(self, logs=None):
         if self._active:
+            done = run_state(self.model).count_updates(self.model)
             warnings.warn(
-                f"HRPCallback: fit ended after {self._steps} steps, before "
+                f"HRPCallback: fit ended after {done} preheat updates, before "
                 f"preheat_steps={self.preheat_steps}; the HRP layers are still at "
                 "their preheating rank (a later fit with this callback goes on).",
                 stacklevel=2,

@@ -5,15 +5,17 @@ import warnings
 
 import keras
 
+from keras_hrp import checkpoints
+from keras_hrp import internals
 from keras_hrp import lora
-from keras_hrp.adapters import revive_adapters
-from keras_hrp.settings import check_hrp_settings
-from keras_hrp.settings import fail
-from keras_hrp.switch import hrp_layers
+from keras_hrp import settings
+from keras_hrp.state import HRPState
+from keras_hrp.state import hrp_layers
 
 # The layers KerasHub's `Backbone.enable_lora` targets by default.
 DEFAULT_TARGETS = ("query_dense", "value_dense", "query", "value", "query_proj", "value_proj")
 SUPPORTED = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+OWNER = "enable_hrp"
 
 
 def _freeze_scope(model):
@@ -30,16 +32,16 @@ def _targets(model, scope, target_layer_names):
     if target_layer_names is None:
         names = getattr(scope, "default_lora_layer_names", None)
         target_layer_names = sorted(set(names()) | set(DEFAULT_TARGETS)) if names else DEFAULT_TARGETS
-    patterns = list(target_layer_names)
+    patterns = settings.patterns(OWNER, "target_layer_names", target_layer_names)
     candidates = [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in internals.all_layers(model, include_self=False)
         if isinstance(layer, SUPPORTED)
     ]
     targets = [layer for layer in candidates if _matches(layer, patterns)]
     if not targets:
-        fail(
-            "enable_hrp",
+        settings.fail(
+            OWNER,
             f"`target_layer_names` matches no Dense, EinsumDense or Embedding layer of "
             f"model '{model.name}' (names or regular expressions over paths; the model "
             f"has {[layer.path for layer in candidates]})",
@@ -51,8 +53,8 @@ def _targets(model, scope, target_layer_names):
 def _preheat_rank_for(layer, rank, preheat_rank):
     limit = lora.max_useful_rank(layer)
     if rank >= limit:
-        fail(
-            "enable_hrp",
+        settings.fail(
+            OWNER,
             f"layer '{layer.path}' has LoRA rank at most {limit}: `rank` must be smaller "
             "to leave room for preheating",
             rank=rank,
@@ -67,15 +69,25 @@ def _preheat_rank_for(layer, rank, preheat_rank):
     return min(preheat_rank, limit)
 
 
-def _keep_trainable_on_load(layer):
-    """Keras' `load_own_variables` zeroes `A` and `B`; re-draw `A` after it."""
-    load = layer.load_own_variables
+def _refuse_in_preheat(backbone, name):
+    """KerasHub's LoRA files hold one rank: refuse them while layers preheat."""
 
-    def load_own_variables(store):
-        load(store)
-        revive_adapters(layer)
+    def make(original):
+        def method(*args, **kwargs):
+            preheating = [layer.path for layer in hrp_layers(backbone, phase="preheat")]
+            if preheating:
+                settings.fail(
+                    f"{name} of '{backbone.name}'",
+                    "HRP layers are still preheating at their preheat rank, and KerasHub's "
+                    "LoRA files hold one rank for all layers. Call it after the switch, or "
+                    "use keras_hrp.save_adapters / load_adapters (any phase)",
+                    preheating=preheating,
+                )
+            return original(*args, **kwargs)
 
-    layer.load_own_variables = load_own_variables
+        return method
+
+    internals.wrap_method(backbone, name, make)
 
 
 def enable_hrp(
@@ -120,14 +132,18 @@ def enable_hrp(
     >>> keras_hrp.enable_hrp(backbone, rank=4, preheat_rank=32)
     >>> model.fit(x, y, callbacks=[keras_hrp.HRPCallback(100)])
     """
-    check_hrp_settings("enable_hrp", rank, preheat_rank, variant)
+    if not isinstance(model, keras.Model):
+        settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)
+    rank, preheat_rank, variant, lora_alpha = settings.check_hrp_settings(
+        OWNER, rank, preheat_rank, variant, lora_alpha
+    )
     if preheat_rank is None:
-        fail("enable_hrp", "`preheat_rank` is required", preheat_rank=preheat_rank)
+        settings.fail(OWNER, "`preheat_rank` is required", preheat_rank=preheat_rank)
     if not model.built:
-        fail("enable_hrp", f"model '{model.name}' must be built first", built=False)
+        settings.fail(OWNER, f"model '{model.name}' must be built first", built=False)
     if hrp_layers(model):
-        fail(
-            "enable_hrp",
+        settings.fail(
+            OWNER,
             f"model '{model.name}' already has HRP layers; enable_hrp runs once",
             hrp_layers=[layer.path for layer in hrp_layers(model)],
         )
@@ -135,22 +151,22 @@ def enable_hrp(
     targets = _targets(model, scope, target_layer_names)
     already = [layer.path for layer in targets if layer.lora_enabled]
     if already:
-        fail("enable_hrp", "these target layers already have LoRA", layers=already)
+        settings.fail(OWNER, "these target layers already have LoRA", layers=already)
     ranks = [_preheat_rank_for(layer, rank, preheat_rank) for layer in targets]
     scale = 1.0 if lora_alpha is None else lora_alpha / rank
 
     scope.trainable = True
-    for layer in scope._flatten_layers(include_self=False):
+    for layer in internals.all_layers(scope, include_self=False):
         layer.trainable = False
     for layer, layer_rank in zip(targets, ranks):
         layer.trainable = True
         lora.enable_adapter(layer, layer_rank, scale, trainable_a=variant != "asymmetric")
-        layer.hrp_rank = rank
-        layer.hrp_variant = variant
-        layer.hrp_phase = "preheat"
-        _keep_trainable_on_load(layer)
-    if hasattr(scope, "save_lora_weights"):  # KerasHub's adapter files index
-        weighted = [layer for layer in scope._flatten_layers(include_self=False) if layer.weights]
-        scope._lora_enabled_layers = [i for i, layer in enumerate(weighted) if layer in targets]
-        scope._lora_rank = rank
+        layer.hrp_state = HRPState(
+            rank=rank, preheat_rank=layer_rank, variant=variant, phase="preheat", scale=scale
+        )
+    checkpoints.attach(model)
+    if hasattr(scope, "save_lora_weights"):  # a KerasHub backbone
+        internals.set_keras_hub_lora_index(scope, targets, rank)
+        _refuse_in_preheat(scope, "save_lora_weights")
+        _refuse_in_preheat(scope, "load_lora_weights")
     return targets

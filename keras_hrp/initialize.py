@@ -3,12 +3,16 @@
 import keras
 from keras import ops
 
+from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import settings
 from keras_hrp.gradients import weight_gradients
 from keras_hrp.initializers import baselines
 from keras_hrp.initializers import expected_norm
 
 METHODS = ("keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "oracle")
+SVD_METHODS = ("auto", "full", "randomized")
+OWNER = "initialize_lora"
 
 
 def _base_weight(layer):
@@ -18,15 +22,25 @@ def _base_weight(layer):
             f"the base weight need a float one. Received: "
             f"quantization_mode={layer.quantization_mode!r}"
         )
-    return layer._embeddings if isinstance(layer, keras.layers.Embedding) else layer._kernel
+    return internals.base_weight(layer)
 
 
 def _lora_layers(model_or_layers):
     if isinstance(model_or_layers, keras.Model):
         return [
-            layer for layer in model_or_layers._flatten_layers(include_self=False)
+            layer for layer in internals.all_layers(model_or_layers, include_self=False)
             if getattr(layer, "lora_enabled", False)
         ]
+    if not isinstance(model_or_layers, (list, tuple)) or not all(
+        isinstance(layer, keras.layers.Layer) for layer in model_or_layers
+    ):
+        settings.fail(
+            OWNER, "`model_or_layers` must be a Keras model or a list of layers",
+            error=TypeError, model_or_layers=model_or_layers,
+        )
+    without = [layer.name for layer in model_or_layers if not getattr(layer, "lora_enabled", False)]
+    if without:
+        settings.fail(OWNER, "every layer needs LoRA enabled first", layers=without)
     return list(model_or_layers)
 
 
@@ -99,11 +113,10 @@ def initialize_lora(
     >>> model.backbone.enable_lora(8)
     >>> keras_hrp.initialize_lora(model, "pissa")
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"initialize_lora: unknown `method`; expected one of {sorted(METHODS)}. "
-            f"Received: method={method!r}"
-        )
+    settings.choice(OWNER, "method", method, METHODS)
+    settings.choice(OWNER, "svd", svd, SVD_METHODS)
+    if targets is not None and not isinstance(targets, dict):
+        settings.fail(OWNER, "`targets` must be a dict {layer path: update}", targets=targets)
     layers = _lora_layers(model_or_layers)
     grads = _gradients(model_or_layers, layers, data, loss) if method == "lora_ga" else None
     for layer in layers:

@@ -21,6 +21,20 @@ def _check_rank(rank, max_rank, shapes):
         )
 
 
+def fixed_signs(u, v):
+    """Flips singular pairs so each `u` column's largest-magnitude entry is positive.
+
+    An SVD fixes each pair `(u_i, v_i)` only up to a common sign, which
+    LAPACK builds, devices and backends choose differently. Fixing it makes
+    the result a function of the matrix alone: replicas that decompose the
+    same adapter agree bit for bit.
+    """
+    peak = ops.argmax(ops.abs(u), axis=0)
+    signs = ops.sign(ops.take_along_axis(u, ops.expand_dims(peak, 0), axis=0))
+    signs = ops.where(signs == 0, ops.ones_like(signs), signs)
+    return u * signs, v * signs
+
+
 def svd_of_product(a, b, rank=None):
     """Truncated SVD of `a @ b`, computed from the factors.
 
@@ -28,6 +42,7 @@ def svd_of_product(a, b, rank=None):
     so `a @ b = Qa (Ra Rb^T) Qb^T` and only the small core `Ra Rb^T` is
     decomposed. For `a` of shape `(m, k)` and `b` of shape `(k, n)` this costs
     O((m + n) k^2) instead of O(m n min(m, n)). Everything runs in float32.
+    Signs are fixed (`fixed_signs`), so the result is deterministic.
 
     Args:
         a: matrix of shape `(m, k)`.
@@ -65,6 +80,7 @@ def svd_of_product(a, b, rank=None):
     u_core, s, vt_core = ops.svd(core, full_matrices=False)
     u = ops.matmul(q_a, u_core[:, :rank])
     v = ops.matmul(q_b, ops.transpose(vt_core[:rank, :]))
+    u, v = fixed_signs(u, v)
     return u, s[:rank], v
 
 
@@ -104,7 +120,8 @@ def randomized_svd(w, rank, oversample=8, power_iterations=2, seed=None):
         p, _ = ops.qr(ops.matmul(ops.transpose(w), q))
         q, _ = ops.qr(ops.matmul(w, p))
     u_core, s, vt = ops.svd(ops.matmul(ops.transpose(q), w), full_matrices=False)
-    return ops.matmul(q, u_core[:, :rank]), s[:rank], ops.transpose(vt[:rank])
+    u, v = fixed_signs(ops.matmul(q, u_core[:, :rank]), ops.transpose(vt[:rank]))
+    return u, s[:rank], v
 
 
 RANDOMIZED_MIN_DIM = 1024
@@ -139,4 +156,5 @@ def truncated_svd(w, rank, method="auto", seed=None):
     if method == "randomized":
         return randomized_svd(w, rank, seed=seed)
     u, s, vt = ops.svd(w, full_matrices=False)
-    return u[:, :rank], s[:rank], ops.transpose(vt[:rank])
+    u, v = fixed_signs(u[:, :rank], ops.transpose(vt[:rank]))
+    return u, s[:rank], v

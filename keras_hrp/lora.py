@@ -9,7 +9,10 @@ leading axes (`EinsumDense`); as a matrix it is `reshape(A, (-1, rank))`.
 import math
 
 import keras
+import numpy as np
 from keras import ops
+
+from keras_hrp import internals
 
 DEFAULT_A_INITIALIZER = "he_uniform"
 
@@ -44,18 +47,23 @@ def factor_matrices(layer):
     return a, ops.stop_gradient(ops.convert_to_tensor(b))
 
 
+def _weight_shape(layer):
+    if isinstance(layer, keras.layers.Embedding):
+        return (layer.input_dim, layer.output_dim)
+    if getattr(layer, "lora_enabled", False):  # no merged kernel just for a shape
+        a, b = lora_factors(layer)
+        return tuple(a.shape[:-1]) + (b.shape[1],)
+    return tuple(layer.kernel.shape)
+
+
 def a_shape_at_rank(layer, rank):
-    """Shape `A` takes on this layer at `rank`."""
-    a, _ = lora_factors(layer)
-    return tuple(a.shape[:-1]) + (rank,)
+    """Shape `A` takes on this layer at `rank` (LoRA enabled or not)."""
+    return _weight_shape(layer)[:-1] + (rank,)
 
 
 def weight_matrix_shape(layer):
     """`(m, n)`: the layer's frozen weight as the matrix its LoRA adapts."""
-    if isinstance(layer, keras.layers.Embedding):
-        shape = (layer.input_dim, layer.output_dim)
-    else:
-        shape = tuple(layer.kernel.shape)
+    shape = _weight_shape(layer)
     return math.prod(shape[:-1]), shape[-1]
 
 
@@ -93,28 +101,47 @@ def replace_factors(layer, a, b, trainable_a=True):
     rank = b.shape[0]
     scale = lora_scale(layer)
     a = ops.reshape(a, a_shape_at_rank(layer, rank))
-    layer._tracker.unlock()
-    try:
-        for old, name, value, trainable in (
-            (old_a, a_name, a, trainable_a),
-            (old_b, b_name, b, old_b.trainable),
-        ):
-            # Untrack and delete without Layer.__delattr__, which runs a full
-            # gc.collect() per variable: one per switch is enough.
-            layer._untrack_variable(old)
-            super(keras.layers.Layer, layer).__delattr__(name)
-            new = layer.add_weight(
-                name=name,
-                shape=tuple(value.shape),
-                initializer="zeros",
-                dtype="float32",
-                trainable=trainable,
-                regularizer=old.regularizer,
-                constraint=old.constraint,
-            )
-            new.assign(value)
-            setattr(layer, name, new)
-    finally:
-        layer._tracker.lock()
+    internals.replace_variable(layer, a_name, a, trainable_a, like=old_a)
+    internals.replace_variable(layer, b_name, b, old_b.trainable, like=old_b)
     layer.lora_rank = rank
     layer.lora_alpha = scale * rank
+
+
+def resize(layer, rank):
+    """Re-creates the layer's adapter at `rank` (`A` he_uniform, `B = 0`).
+
+    The output is unchanged (`B = 0`); callers that load values overwrite
+    both factors.
+    """
+    old_a, old_b = lora_factors(layer)
+    initializer = keras.initializers.get(DEFAULT_A_INITIALIZER)
+    a = initializer(a_shape_at_rank(layer, rank), dtype="float32")
+    b = ops.zeros((rank, old_b.shape[1]), dtype="float32")
+    replace_factors(layer, a, b, trainable_a=old_a.trainable)
+
+
+def b_shape_at_rank(layer, rank):
+    return (rank, weight_matrix_shape(layer)[1])
+
+
+def frozen_variables(layer):
+    """The frozen weights under the adapter: the base kernel, quantization scales."""
+    factors = [id(v) for v in lora_factors(layer)]
+    return [
+        v for v in internals.own_variables(layer) if not v.trainable and id(v) not in factors
+    ]
+
+
+def revive(layer):
+    """Re-draws `A` if both factors are zero (as Keras' loading leaves them).
+
+    With `A = B = 0` both gradients are zero forever; with `B = 0` a fresh
+    he_uniform `A` changes no output and lets the adapter train again.
+    Returns whether it re-drew.
+    """
+    a, b = lora_factors(layer)
+    if np.any(ops.convert_to_numpy(a)) or np.any(ops.convert_to_numpy(b)):
+        return False
+    initializer = keras.initializers.get(DEFAULT_A_INITIALIZER)  # new seed
+    a.assign(initializer(tuple(a.shape), dtype="float32"))
+    return True

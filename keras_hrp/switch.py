@@ -14,30 +14,20 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import settings
 from keras_hrp.initializers import expected_norm
 from keras_hrp.initializers import preheated_a
 from keras_hrp.initializers import preheated_factors
 from keras_hrp.schedules import LinearWarmup
-from keras_hrp.settings import check_switch_settings
-
-
-def hrp_layers(model, phase=None):
-    """The HRP-managed layers of `model` (optionally only those in `phase`).
-
-    A layer is HRP-managed when its `hrp_phase` is `"preheat"` or `"main"`;
-    it then also has `hrp_rank` (the main rank) and `hrp_variant`.
-    """
-    found = [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if getattr(layer, "hrp_phase", None) is not None
-    ]
-    return [layer for layer in found if phase is None or layer.hrp_phase == phase]
+from keras_hrp.state import hrp_layers
+from keras_hrp.state import layer_state
+from keras_hrp.state import run_state
 
 
 def _is_adapter(layer, variable):
-    return getattr(layer, "hrp_phase", None) is not None and layer.lora_enabled and any(
+    return layer_state(layer) is not None and layer.lora_enabled and any(
         variable is factor for factor in lora.lora_factors(layer)
     )
 
@@ -45,11 +35,11 @@ def _is_adapter(layer, variable):
 def _changing_variables(model):
     """Variables training may change, minus HRP adapters and frozen weights."""
     variables = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
+    for layer in internals.all_layers(model):
         if not layer.trainable:
             continue
         frozen_base = getattr(layer, "lora_enabled", False)
-        for variable in layer._trainable_variables + layer._non_trainable_variables:
+        for variable in internals.own_variables(layer):
             if _is_adapter(layer, variable):
                 continue
             if frozen_base and not variable.trainable:
@@ -73,6 +63,29 @@ class WeightSnapshot:
     def __init__(self, model):
         variables = _changing_variables(model)
         self._entries = [(v, ops.convert_to_numpy(v)) for v in variables]
+
+    @classmethod
+    def from_arrays(cls, model, arrays, owner="WeightSnapshot"):
+        """Rebuilds a snapshot of `model` from `to_arrays()`' output."""
+        variables = {v.path: v for v in _changing_variables(model)}
+        missing = [
+            path for path, value in arrays.items()
+            if path not in variables or tuple(variables[path].shape) != value.shape
+        ]
+        if missing:
+            settings.fail(
+                owner,
+                f"the roll-back snapshot does not fit model '{model.name}' "
+                "(no such variable, or another shape)",
+                variables=missing,
+            )
+        snapshot = cls.__new__(cls)
+        snapshot._entries = [(variables[path], value) for path, value in arrays.items()]
+        return snapshot
+
+    def to_arrays(self):
+        """`{variable path: value}`, for keras-hrp's checkpoint state files."""
+        return {variable.path: value for variable, value in self._entries}
 
     @property
     def nbytes(self):
@@ -139,7 +152,8 @@ def _new_factors(layer, a, b, rank, norm, init):
 
 
 def _switch_layer(layer, init):
-    rank = layer.hrp_rank
+    state = layer.hrp_state
+    rank = state.rank
     a, b = lora.factor_matrices(layer)
     from_rank = b.shape[0]
     a_shape = lora.a_shape_at_rank(layer, rank)
@@ -154,38 +168,15 @@ def _switch_layer(layer, init):
             f"init ({fallback}).",
             stacklevel=3,
         )
-    lora.replace_factors(
-        layer, new_a, new_b, trainable_a=layer.hrp_variant != "asymmetric"
-    )
-    layer.hrp_phase = "main"
+    lora.replace_factors(layer, new_a, new_b, trainable_a=state.variant != "asymmetric")
+    state.phase = "main"
     if s is None:
         s = np.full((min(a.shape[0], b.shape[1], from_rank),), np.nan, "float32")
     return LayerSwitch(s, np.nan if energy is None else energy, from_rank, rank, fallback)
 
 
-def _retrack_torch_params(model, layers):
-    """Points every torch ParameterDict at the new adapter variables.
-
-    On torch each layer, the model included (and a Sequential's inner
-    functional model), holds a ParameterDict of all variables below it,
-    keyed by path and built once. Left alone, the model's dicts would keep
-    the rank-R adapters alive and miss the new ones.
-    """
-    if keras.backend.backend() != "torch":
-        return
-    new_variables = [v for layer in layers for v in lora.lora_factors(layer)]
-    for owner in model.modules():
-        params = getattr(owner, "_torch_params", None)
-        if params is None:
-            continue
-        for variable in new_variables:
-            if variable.path in params:
-                params[variable.path] = variable.value
-
-
 def _warmed_up(optimizer, warmup_steps):
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
-    base = inner._learning_rate
+    base = internals.base_learning_rate(optimizer)
     if isinstance(base, keras.Variable):
         base = float(ops.convert_to_numpy(base))
     optimizer.learning_rate = LinearWarmup(base, warmup_steps)
@@ -195,23 +186,22 @@ def rebuild_training_state(model, warmup_steps=0):
     """Fresh optimizer (new slots, `iterations` 0) and compiled functions.
 
     Call after variables were added or removed on a compiled model; works
-    inside `fit` on every backend, with or without jit. With
+    inside `fit` on every backend, with or without jit, and creates the new
+    optimizer variables under the model's distribution strategy. With
     `warmup_steps > 0` the fresh optimizer's learning rate ramps up
     linearly over that many steps (`LinearWarmup`). A learning-rate
     schedule restarts from step 0 either way.
     """
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        fresh = optimizer.__class__.from_config(optimizer.get_config())
-        if warmup_steps:
-            _warmed_up(fresh, warmup_steps)
-        fresh.build(model.trainable_variables)
-        model.optimizer = fresh
-    if getattr(model, "compiled", False):
-        model.train_function = None
-        model.make_train_function(force=True)
-        model.test_function = None
-        model.predict_function = None
+    with internals.distribution_scope(model):
+        if optimizer is not None:
+            fresh = optimizer.__class__.from_config(optimizer.get_config())
+            if warmup_steps:
+                _warmed_up(fresh, warmup_steps)
+            fresh.build(model.trainable_variables)
+            model.optimizer = fresh
+        internals.drop_compiled_functions(model)
+    run_state(model).recount_from(getattr(model, "optimizer", None))
 
 
 def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
@@ -223,11 +213,13 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
     `A` initializer at rank `rank`) and `B = 0`, so the adapter adds nothing
     yet. With `init="truncated_delta"` the adapter keeps the best rank-`rank`
     approximation of the preheated delta instead. The adapter variables are
-    re-created at rank `rank`. A layer whose delta is
-    not finite (or whose SVD fails) falls back to a random init, with a
-    warning. Then `snapshot` (if given) is restored, the optimizer is
-    replaced by a fresh one and the compiled functions are rebuilt. Use it
-    in custom training loops; `HRPCallback` calls it inside `fit`.
+    re-created at rank `rank`, under the model's distribution strategy. A
+    layer whose delta is not finite (or whose SVD fails) falls back to a
+    random init, with a warning. Then `snapshot` (if given) is restored, the
+    optimizer is replaced by a fresh one and every compiled function
+    (train, test, predict, KerasHub's generate) is rebuilt. Use it in custom
+    training loops; `HRPCallback` calls it inside `fit`. Singular vectors
+    have a fixed sign, so replicas that switch locally agree bit for bit.
 
     Args:
         model: a built Keras model with HRP layers in phase `"preheat"`.
@@ -246,21 +238,34 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
     >>> ...  # preheat: a few training steps
     >>> report = keras_hrp.switch_to_main(model, snapshot)
     """
-    check_switch_settings("switch_to_main", init, warmup_steps)
+    owner = "switch_to_main"
+    if not isinstance(model, keras.layers.Layer):
+        settings.fail(owner, "`model` must be a Keras model", error=TypeError, model=model)
+    if snapshot is not None and not isinstance(snapshot, WeightSnapshot):
+        settings.fail(
+            owner, "`snapshot` must be a keras_hrp.WeightSnapshot or None",
+            error=TypeError, snapshot=snapshot,
+        )
+    init, warmup_steps, _ = settings.check_switch_settings(owner, init, warmup_steps)
     start = time.perf_counter()
     layers = hrp_layers(model, phase="preheat")
     if not layers:
-        raise ValueError(
-            f"switch_to_main: model '{model.name}' has no HRP layer in phase "
-            f"'preheat'. Received: phases={[l.hrp_phase for l in hrp_layers(model)]}"
+        settings.fail(
+            owner,
+            f"model '{model.name}' has no HRP layer in phase 'preheat'",
+            phases=[layer.hrp_state.phase for layer in hrp_layers(model)],
         )
+    run_state(model).count_updates(model)
     report = SwitchReport()
-    for layer in layers:
-        report[layer.path] = _switch_layer(layer, init)
+    with internals.distribution_scope(model):
+        for layer in layers:
+            report[layer.path] = _switch_layer(layer, init)
     gc.collect()  # frees the rank-R variables now
     if snapshot is not None:
         snapshot.restore()
-    _retrack_torch_params(model, layers)
+    internals.retrack_torch_params(
+        model, [v for layer in layers for v in lora.lora_factors(layer)]
+    )
     rebuild_training_state(model, warmup_steps)
     report.seconds = time.perf_counter() - start
     return report

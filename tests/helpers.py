@@ -49,3 +49,75 @@ def principal_angle_cos(u, w):
     qu, _ = np.linalg.qr(u)
     qw, _ = np.linalg.qr(w)
     return np.linalg.svd(qu.T @ qw, compute_uv=False).min()
+
+
+# Tiny KerasHub models built from config (no download).
+VOCAB, SEQ = 64, 8
+
+
+def tokens(n, seed=0, segments=False):
+    rng = np.random.default_rng(seed)
+    x = {
+        "token_ids": rng.integers(1, VOCAB, size=(n, SEQ)).astype("int32"),
+        "padding_mask": np.ones((n, SEQ), "int32"),
+    }
+    if segments:
+        x["segment_ids"] = np.zeros((n, SEQ), "int32")
+    return x
+
+
+def bert_classifier(dropout=0.1):
+    """`(task, x, y, loss)`: a 2-layer BERT text classifier and toy data."""
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=SEQ, dropout=dropout,
+    )
+    task = keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None, dropout=dropout
+    )
+    x = tokens(64, segments=True)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # the head gives logits
+    return task, x, (x["token_ids"][:, 0] % 2).astype("int32"), loss
+
+
+def _causal_lm(task_cls, backbone):
+    task = task_cls(backbone, preprocessor=None)
+    x = tokens(64)
+    y = np.roll(x["token_ids"], -1, axis=1)
+    return task, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def gemma_causal_lm():
+    import keras_hub
+
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32, head_dim=8,
+    )
+    return _causal_lm(keras_hub.models.GemmaCausalLM, backbone)
+
+
+def llama_causal_lm():
+    import keras_hub
+
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32,
+    )
+    return _causal_lm(keras_hub.models.LlamaCausalLM, backbone)
+
+
+def gpt2_causal_lm():
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=SEQ,
+    )
+    return _causal_lm(keras_hub.models.GPT2CausalLM, backbone)
+
+
+def weights_by_path(model):
+    return {v.path: numpy_of(v) for v in model.weights}

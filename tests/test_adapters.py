@@ -111,5 +111,76 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="save_adapters: model 'tiny' has no LoRA layer"):
         keras_hrp.save_adapters(tiny_model(), os.path.join(tmp_path, "x.npz"))
     np.savez(os.path.join(tmp_path, "other.npz"), x=np.ones(3))
-    with pytest.raises(ValueError, match="not a keras-hrp adapter file"):
+    with pytest.raises(ValueError, match="load_adapters: not a readable keras-hrp adapters file"):
         keras_hrp.load_adapters(tiny_model(), os.path.join(tmp_path, "other.npz"))
+
+
+def test_same_path_for_save_and_load_and_no_extension_added(tmp_path):
+    model, base = _trained(tmp_path)
+    path = os.path.join(tmp_path, "adapters")  # no extension
+    keras_hrp.save_adapters(model, path)
+    assert os.listdir(tmp_path).count("adapters") == 1 and not os.path.exists(path + ".npz")
+    fresh = tiny_model()
+    fresh.load_weights(base)
+    keras_hrp.load_adapters(fresh, path)
+    tokens = probe_tokens()
+    np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
+    model, _ = _trained(tmp_path)
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    before = open(path, "rb").read()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        keras_hrp.save_adapters(model, path)
+    assert open(path, "rb").read() == before
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "missing", "newer"])
+def test_damaged_files_name_load_adapters_and_the_path(tmp_path, damage):
+    model, _ = _trained(tmp_path)
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    data = open(path, "rb").read()
+    if damage == "truncated":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(b"\x00" * 100)
+    elif damage == "foreign":
+        np.savez(path, weights=np.ones(3))
+    elif damage == "missing":
+        os.remove(path)
+    else:
+        keras_hrp.files.write(path, "adapters", 99, {"layers": []}, {})
+    error = FileNotFoundError if damage == "missing" else ValueError
+    with pytest.raises(error, match=f"load_adapters: .*Received: path='{path}'"):
+        keras_hrp.load_adapters(tiny_model(), path)
+
+
+def test_load_into_a_preheating_model_adopts_the_rank_and_main_phase(tmp_path):
+    model, base = _trained(tmp_path)  # switched: rank 2
+    path = os.path.join(tmp_path, "a.npz")
+    keras_hrp.save_adapters(model, path)
+    fresh = tiny_model()
+    fresh.load_weights(base)
+    keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=6, target_layer_names=TARGETS)
+    fresh.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    keras_hrp.load_adapters(fresh, path)
+    trained = {layer.path: layer.hrp_state for layer in keras_hrp.hrp_layers(model)}
+    for layer in keras_hrp.hrp_layers(fresh):
+        assert layer.lora_rank == 2 and layer.hrp_state == trained[layer.path]
+        assert layer.hrp_state.phase == "main"
+    tokens = probe_tokens()
+    np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
+    x = np.random.default_rng(0).integers(0, 100, size=(32, 12)).astype("int32")
+    with pytest.warns(UserWarning, match="already in its main phase"):
+        fresh.fit(x, x[:, 0] % 3, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    assert all(layer.lora_rank == 2 for layer in keras_hrp.hrp_layers(fresh))

@@ -93,7 +93,7 @@ def test_second_fit_on_switched_model_warns_and_changes_nothing():
     hrp = keras_hrp.HRPCallback(2, verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
     report = hrp.report
-    with pytest.warns(UserWarning, match="already switched"):
+    with pytest.warns(UserWarning, match="already in its main phase"):
         model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
     assert hrp.report is report
     assert all(layer.lora_rank == 4 for layer in keras_hrp.hrp_layers(model))
@@ -106,7 +106,7 @@ def test_fit_ending_before_preheat_warns_and_next_fit_goes_on():
     model.compile("adam", "mse")
     before = model.predict(x, verbose=0)
     hrp = keras_hrp.HRPCallback(6, verbose=0)
-    with pytest.warns(UserWarning, match="after 4 steps, before preheat_steps=6"):
+    with pytest.warns(UserWarning, match="after 4 preheat updates, before preheat_steps=6"):
         model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
     probe = _Probe(hrp, x)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp, probe], verbose=0)
@@ -197,7 +197,73 @@ def test_unbuilt_model():
 
     assert fit(restore_weights=False).layers[0].lora_rank == 2
     if BACKEND == "tensorflow":  # builds inside the first step, after on_train_begin
-        with pytest.raises(ValueError, match="not built when fit starts.*unbuilt layers=\\['hrp_dense"):
+        with pytest.raises(ValueError, match="not built when fit starts.*unbuilt_layers=\\['hrp_dense"):
             fit(restore_weights=True)
     else:  # JAX and torch build before on_train_begin
         assert fit(restore_weights=True).layers[0].lora_rank == 2
+
+
+def _iterations(model):
+    return int(numpy_of(model.optimizer.iterations))
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch has no steps_per_execution > 1")
+def test_steps_per_execution_with_a_short_last_chunk_counts_updates():
+    # 4 batches an epoch, 3 steps an execution: chunks of 3 and 1 steps.
+    x, y = regression_data(n=64)
+    model = hrp_mlp()
+    model.compile(keras.optimizers.Adam(0.01), "mse", steps_per_execution=3)
+    hrp = keras_hrp.HRPCallback(5, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[hrp], verbose=0)
+    # updates at chunk ends: 3, 4 | 7, 8 | 11, 12; the first end at >= 5 is 7.
+    assert hrp.switch_step == 7 and _iterations(model) == 12 - 7
+    states = [layer.hrp_state for layer in keras_hrp.hrp_layers(model)]
+    assert all(s.preheat_updates == 7 and s.phase == "main" for s in states)
+
+
+def test_gradient_accumulation_counts_optimizer_updates():
+    x, y = regression_data(n=64)
+    model = hrp_mlp()
+    model.compile(keras.optimizers.Adam(0.01, gradient_accumulation_steps=2), "mse")
+    hrp = keras_hrp.HRPCallback(3, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[hrp], verbose=0)
+    # 12 batches = 6 updates; the switch after the 3rd (batch 6).
+    assert hrp.switch_step == 3 and _iterations(model) == 3
+
+
+def test_multi_epoch_preheat_from_an_initial_epoch():
+    x, y = regression_data(n=64)
+    model = hrp_mlp()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    hrp = keras_hrp.HRPCallback(6, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=5, initial_epoch=2, callbacks=[hrp], verbose=0)
+    assert hrp.switch_step == 6 and _iterations(model) == 12 - 6
+
+
+class _Score(keras.callbacks.Callback):
+    """Logs a score that is best in epoch 0 (a preheat epoch), worse after."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = 0.0 if epoch == 0 else float(epoch)
+
+
+def test_early_stopping_and_checkpoints_only_compare_main_epochs(tmp_path):
+    x, y = regression_data(n=64)
+    model = hrp_mlp()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    early = keras.callbacks.EarlyStopping("score", mode="min", patience=5, restore_best_weights=True)
+    path = os.path.join(tmp_path, "best.weights.h5")
+    best = keras.callbacks.ModelCheckpoint(
+        path, "score", mode="min", save_best_only=True, save_weights_only=True
+    )
+    plateau = keras.callbacks.ReduceLROnPlateau("score", mode="min", patience=1, factor=0.5)
+    hrp = keras_hrp.HRPCallback(6, verbose=0)  # preheat: epoch 0 and part of epoch 1
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0,
+              callbacks=[_Score(), early, best, plateau, hrp])
+    assert hrp.switch_step == 6
+    assert early.best_epoch == 1  # epoch 0 was a preheat epoch: forgotten at the switch
+    assert all(layer.lora_rank == 4 for layer in keras_hrp.hrp_layers(model))
+    fresh = hrp_mlp()
+    fresh.load_weights(path)  # the best checkpoint is a main-phase one (epoch 1)
+    assert all(l.hrp_state.phase == "main" and l.lora_rank == 4 for l in keras_hrp.hrp_layers(fresh))
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)

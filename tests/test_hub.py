@@ -1,3 +1,4 @@
+import os
 from collections import Counter
 
 import keras
@@ -5,6 +6,7 @@ import numpy as np
 import pytest
 
 import keras_hrp
+from keras_hrp import internals
 from keras_hrp import lora
 from tests.helpers import JIT_MODES
 from tests.helpers import numpy_of
@@ -116,7 +118,28 @@ def test_errors():
         keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["value"])
 
 
-def test_load_weights_keeps_adapters_trainable(tmp_path):
+def test_load_weights_keeps_base_and_adapters(tmp_path):
+    x, y = _data()
+    model = _attention_model()
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
+    layers = keras_hrp.hrp_layers(model)
+    bases = [numpy_of(internals.base_weight(layer)) for layer in layers]
+    factors = [[numpy_of(v) for v in lora.lora_factors(layer)] for layer in layers]
+    before = model.predict(x, verbose=0)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)  # Keras stores merged kernels; keras-hrp its state beside
+    assert os.path.exists(path + ".hrp.npz")
+    model.load_weights(path)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+    for layer, base, (a, b) in zip(layers, bases, factors):
+        np.testing.assert_array_equal(numpy_of(internals.base_weight(layer)), base)
+        np.testing.assert_array_equal(numpy_of(lora.lora_factors(layer)[1]), b)
+
+
+def test_load_weights_without_state_file_merges_and_says_so(tmp_path):
     x, y = _data()
     model = _attention_model()
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
@@ -125,8 +148,10 @@ def test_load_weights_keeps_adapters_trainable(tmp_path):
     model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
     before = model.predict(x, verbose=0)
     path = str(tmp_path / "m.weights.h5")
-    model.save_weights(path)  # Keras stores the merged kernels
-    model.load_weights(path)
+    model.save_weights(path)
+    os.remove(path + ".hrp.npz")
+    with pytest.warns(UserWarning, match="'ffn' .*without keras-hrp's state file.*now includes"):
+        model.load_weights(path)
     np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
     for layer in keras_hrp.hrp_layers(model):
         a, b = (numpy_of(v) for v in lora.lora_factors(layer))

@@ -8,64 +8,14 @@ import pytest
 
 import keras_hrp
 from keras_hrp import lora
+from tests.helpers import VOCAB
+from tests.helpers import bert_classifier
+from tests.helpers import gemma_causal_lm
+from tests.helpers import gpt2_causal_lm
+from tests.helpers import llama_causal_lm
 from tests.helpers import numpy_of
 
 keras_hub = pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
-
-VOCAB, SEQ = 64, 8
-
-
-def _tokens(n, seed=0, segments=False):
-    rng = np.random.default_rng(seed)
-    x = {
-        "token_ids": rng.integers(1, VOCAB, size=(n, SEQ)).astype("int32"),
-        "padding_mask": np.ones((n, SEQ), "int32"),
-    }
-    if segments:
-        x["segment_ids"] = np.zeros((n, SEQ), "int32")
-    return x
-
-
-def bert_classifier():
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=SEQ,
-    )
-    task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
-    x = _tokens(64, segments=True)
-    return task, x, (x["token_ids"][:, 0] % 2).astype("int32"), "sparse_categorical_crossentropy"
-
-
-def _causal_lm(task_cls, backbone):
-    task = task_cls(backbone, preprocessor=None)
-    x = _tokens(64)
-    y = np.roll(x["token_ids"], -1, axis=1)
-    return task, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def gemma_causal_lm():
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
-        hidden_dim=16, intermediate_dim=32, head_dim=8,
-    )
-    return _causal_lm(keras_hub.models.GemmaCausalLM, backbone)
-
-
-def llama_causal_lm():
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_query_heads=2, num_key_value_heads=1,
-        hidden_dim=16, intermediate_dim=32,
-    )
-    return _causal_lm(keras_hub.models.LlamaCausalLM, backbone)
-
-
-def gpt2_causal_lm():
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=SEQ,
-    )
-    return _causal_lm(keras_hub.models.GPT2CausalLM, backbone)
-
 
 class _Probe(keras.callbacks.Callback):
     def __init__(self, hrp, x):
@@ -97,7 +47,7 @@ def test_hrp_on_keras_hub_task(make):
     assert not hrp.report.fallbacks and len(hrp.report) == 4
     for layer in layers:
         a, b = lora.lora_factors(layer)
-        assert layer.hrp_phase == "main" and a.shape[-1] == 2 and b.shape[0] == 2
+        assert layer.hrp_state.phase == "main" and a.shape[-1] == 2 and b.shape[0] == 2
     assert np.all(np.isfinite(history.history["loss"]))
 
 

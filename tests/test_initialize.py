@@ -119,7 +119,7 @@ def test_oracle_takes_the_target_directions():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="unknown `method`.*method='hrp'"):
+    with pytest.raises(ValueError, match="initialize_lora: `method` must be one of.*method='hrp'"):
         keras_hrp.initialize_lora(_lora_model(), "hrp")
     model = _lora_model()
     with pytest.raises(ValueError, match="'lora_ga' needs the model.*data=None"):

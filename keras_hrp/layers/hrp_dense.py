@@ -1,15 +1,16 @@
 """`HRPDense`: a drop-in `keras.layers.Dense` with the HRP lifecycle."""
 
 import contextlib
+import dataclasses
+import json
 
 import keras
+import numpy as np
 
+from keras_hrp import internals
 from keras_hrp import lora
-from keras_hrp.settings import check_hrp_settings
-from keras_hrp.settings import check_variant
-from keras_hrp.settings import fail
-
-PHASES = ("preheat", "main")
+from keras_hrp import settings
+from keras_hrp.state import HRPState
 
 
 @keras.saving.register_keras_serializable(package="keras_hrp")
@@ -29,9 +30,14 @@ class HRPDense(keras.layers.Dense):
     `layer.lora_alpha` is set to `scale * layer.lora_rank` in each phase.
     `lora_alpha=None` means `lora_alpha=rank` (scale 1).
 
-    Saving: the frozen kernel and the adapter are saved separately, so a
-    reloaded layer keeps training where it stopped. Weights saved by a plain
-    `Dense` load as the (merged) kernel with a fresh, trainable adapter.
+    State: `layer.hrp_state` (a `keras_hrp.HRPState`) records the phase,
+    the ranks, the variant and the preheat updates done.
+
+    Saving: the frozen kernel, the adapter and the state are saved
+    separately, so a reloaded layer comes back in its phase, at its rank
+    (the adapter is resized if the file's rank differs), and keeps
+    training. Weights saved by a plain `Dense` load as the (merged) kernel
+    with a fresh, trainable adapter.
 
     Args:
         units: positive integer, dimensionality of the output space.
@@ -70,33 +76,41 @@ class HRPDense(keras.layers.Dense):
             super().__init__(units, lora_alpha=lora_alpha, **kwargs)
         else:
             super().__init__(units, **kwargs)
-        self.rank = rank
-        self.preheat_rank = preheat_rank
-        self.variant = variant
-        self._lora_alpha_arg = lora_alpha
-        self._validate(kwargs.get("lora_rank"), hrp_phase)
-        if rank is None:
-            self.hrp_phase = None
-        else:
-            self.hrp_phase = hrp_phase or ("preheat" if preheat_rank else "main")
-
-    def _validate(self, lora_rank, hrp_phase):
         owner = f"HRPDense '{self.name}'"
-        if self.rank is None:
-            if self.preheat_rank is not None:
-                fail(owner, "`preheat_rank` needs `rank`", preheat_rank=self.preheat_rank)
-            check_variant(owner, self.variant)
+        if rank is None:
+            if preheat_rank is not None:
+                settings.fail(owner, "`preheat_rank` needs `rank`", preheat_rank=preheat_rank)
+            self.variant = settings.check_variant(owner, variant)
+            self.rank = self.preheat_rank = None
+            self._lora_alpha_arg = lora_alpha
+            self.hrp_state = None
             return
-        if lora_rank:
-            fail(
+        if kwargs.get("lora_rank"):
+            settings.fail(
                 owner,
                 "pass either `rank` (HRP) or `lora_rank` (plain Keras LoRA)",
-                rank=self.rank,
-                lora_rank=lora_rank,
+                rank=rank,
+                lora_rank=kwargs["lora_rank"],
             )
-        check_hrp_settings(owner, self.rank, self.preheat_rank, self.variant)
-        if hrp_phase not in (None,) + PHASES:
-            fail(owner, f"`hrp_phase` must be one of {PHASES}", hrp_phase=hrp_phase)
+        self.rank, self.preheat_rank, self.variant, self._lora_alpha_arg = (
+            settings.check_hrp_settings(owner, rank, preheat_rank, variant, lora_alpha)
+        )
+        if hrp_phase is not None:
+            settings.choice(owner, "hrp_phase", hrp_phase, settings.PHASES)
+            if hrp_phase == "preheat" and self.preheat_rank is None:
+                settings.fail(owner, "phase 'preheat' needs `preheat_rank`", hrp_phase=hrp_phase)
+        self.hrp_state = HRPState(
+            rank=self.rank,
+            preheat_rank=self.preheat_rank,
+            variant=self.variant,
+            phase=hrp_phase or ("preheat" if self.preheat_rank else "main"),
+            scale=self.lora_scale,
+        )
+
+    @property
+    def hrp_phase(self):
+        """`"preheat"`, `"main"`, or `None` without `rank`."""
+        return None if self.hrp_state is None else self.hrp_state.phase
 
     @property
     def lora_scale(self):
@@ -107,30 +121,23 @@ class HRPDense(keras.layers.Dense):
 
     def build(self, input_shape):
         super().build(input_shape)
-        if self.rank is None:
+        if self.hrp_state is None:
             return
         limit = min(int(input_shape[-1]), self.units)
         for name in ("rank", "preheat_rank"):
             value = getattr(self, name)
             if value is not None and value > limit:
-                fail(
+                settings.fail(
                     f"HRPDense '{self.name}'",
                     f"`{name}` must be at most min(input_dim, units) = {limit}",
                     **{name: value},
                 )
-        rank = self.preheat_rank if self.hrp_phase == "preheat" else self.rank
         lora.enable_adapter(
-            self, rank, self.lora_scale, trainable_a=self.variant != "asymmetric"
+            self,
+            self.hrp_state.current_rank,
+            self.lora_scale,
+            trainable_a=self.variant != "asymmetric",
         )
-
-    @property
-    def hrp_rank(self):
-        """The main rank, as every HRP-managed layer reports it."""
-        return self.rank
-
-    @property
-    def hrp_variant(self):
-        return self.variant
 
     @contextlib.contextmanager
     def _without_lora(self):
@@ -141,26 +148,67 @@ class HRPDense(keras.layers.Dense):
             self.lora_enabled = True
 
     def save_own_variables(self, store):
-        if self.hrp_phase is None or not self.lora_enabled:
+        if self.hrp_state is None or not self.lora_enabled:
             return super().save_own_variables(store)
         with self._without_lora():  # the frozen kernel, unmerged
             super().save_own_variables(store)
         count = len(store.keys())
         store[str(count)] = self.lora_kernel_a
         store[str(count + 1)] = self.lora_kernel_b
+        store[str(count + 2)] = _encode(self.hrp_state.to_dict())
 
     def load_own_variables(self, store):
-        if self.hrp_phase is None or not self.lora_enabled:
+        if self.hrp_state is None or not self.lora_enabled:
             return super().load_own_variables(store)
         count = len(store.keys())
-        if count == len(self._trainable_variables + self._non_trainable_variables):
-            with self._without_lora():
-                super().load_own_variables(store)
-            self.lora_kernel_a.assign(store[str(count - 2)])
-            self.lora_kernel_b.assign(store[str(count - 1)])
-            return
-        # Merged weights (from a plain Dense): Keras zeroes A and B, which
-        # would leave both gradients zero forever; re-draw A so it can train.
+        own = len(internals.own_variables(self))  # base weights, A and B
+        if count == own - 2:  # merged weights from a plain Dense
+            return self._load_merged(store)
+        if count not in (own, own + 1):
+            settings.fail(
+                f"HRPDense '{self.name}'",
+                f"the saved weights do not fit this layer ({own - 2} base weights, "
+                "an adapter and its state)",
+                saved_entries=count,
+            )
+        state = None
+        if count == own + 1:  # format 2: ... A, B, state
+            state = HRPState.from_dict(_decode(store[str(count - 1)]), f"HRPDense '{self.name}'")
+            count -= 1
+        a, b = store[str(count - 2)], store[str(count - 1)]
+        self._adopt(state, b.shape[0])
+        base = {str(i): store[str(i)] for i in range(count)}
+        with self._without_lora():
+            super().load_own_variables(base)
+        self.lora_kernel_a.assign(a)
+        self.lora_kernel_b.assign(b)
+
+    def _adopt(self, state, rank):
+        """Takes the saved phase and rank (resizing the adapter if needed)."""
+        if state is None:  # format 1 files hold no state: infer it from the rank
+            phases = {self.rank: "main", self.preheat_rank: "preheat"}
+            if rank not in phases:
+                settings.fail(
+                    f"HRPDense '{self.name}'",
+                    f"the saved adapter has rank {rank}, neither `rank` nor `preheat_rank`",
+                    saved_rank=rank,
+                )
+            state = dataclasses.replace(self.hrp_state, phase=phases[rank])
+        ours = (self.rank, self.preheat_rank, self.variant)
+        if (state.rank, state.preheat_rank, state.variant) != ours or state.current_rank != rank:
+            settings.fail(
+                f"HRPDense '{self.name}'",
+                f"the saved HRP state does not match this layer's (rank, preheat_rank, "
+                f"variant) = {ours}",
+                saved_state=state.to_dict(),
+            )
+        if self.lora_rank != rank:
+            lora.resize(self, rank)
+        self.hrp_state = state
+
+    def _load_merged(self, store):
+        # Keras zeroes A and B here, which would leave both gradients zero
+        # forever; re-draw A so the adapter can train.
         super().load_own_variables(store)
         initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)
         self.lora_kernel_a.assign(initializer(self.lora_kernel_a.shape, "float32"))
@@ -181,3 +229,11 @@ class HRPDense(keras.layers.Dense):
             config.pop("lora_rank", None)
             config["lora_alpha"] = self._lora_alpha_arg
         return config
+
+
+def _encode(config):
+    return np.frombuffer(json.dumps(config).encode(), dtype=np.uint8)
+
+
+def _decode(array):
+    return json.loads(np.asarray(array).tobytes().decode())

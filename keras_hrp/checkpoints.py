@@ -1,0 +1,395 @@
+"""Checkpoints that resume an HRP run exactly, beside Keras' own files.
+
+Keras writes a LoRA layer's kernel merged with its adapter (`W + s A @ B`);
+loading such a file writes that sum into the frozen weight and zeroes the
+adapter. keras-hrp leaves Keras' files as Keras writes them (a stock Keras
+or KerasHub model still loads them) and keeps what exact resume needs in
+its own state file beside them, `<path>.hrp.npz`: each HRP layer's state
+and factors, a checksum of the merged kernel Keras wrote, the roll-back
+snapshot and, beside a `.keras` file, the frozen weights themselves.
+
+`attach(model)` makes `model.save_weights`, `model.save` and
+`model.load_weights` (what `BackupAndRestore` and `ModelCheckpoint` call)
+write and read that file; `enable_hrp` and `HRPCallback` attach the models
+they are given. Loading with a state file keeps the frozen weights in
+memory bit for bit, resizes adapters to the saved ranks (the optimizer is
+rebuilt first, so its saved slots load), and restores the layers' phases,
+the preheat's progress and the roll-back snapshot.
+"""
+
+import os
+import warnings
+import zlib
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_hrp import files
+from keras_hrp import internals
+from keras_hrp import lora
+from keras_hrp import settings
+from keras_hrp.layers import HRPDense
+from keras_hrp.state import HRPState
+from keras_hrp.state import hrp_layers
+from keras_hrp.state import layer_state
+from keras_hrp.state import run_state
+from keras_hrp.switch import WeightSnapshot
+from keras_hrp.switch import rebuild_training_state
+
+SUFFIX = ".hrp.npz"
+KIND = "checkpoint"
+VERSION = 1
+
+# id(layer) -> its entry, while a load with a state file runs.
+_LOADING = {}
+
+
+def state_path(filepath):
+    """Where keras-hrp keeps its state beside a Keras file."""
+    return os.fspath(filepath) + SUFFIX
+
+
+def attach(model):
+    """Makes `model`'s save / load methods carry keras-hrp's state file.
+
+    Wraps `save_weights`, `save` and `load_weights` of `model` and of every
+    model nested in it (this instance only), and guards its HRP layers'
+    frozen weights. Idempotent.
+    """
+    for owner in internals.all_layers(model):
+        if isinstance(owner, keras.Model):
+            internals.wrap_method(owner, "save_weights", _saving(owner, with_base=False))
+            internals.wrap_method(owner, "save", _saving(owner, with_base=True))
+            internals.wrap_method(owner, "load_weights", _loading(owner))
+    for layer in hrp_layers(model):
+        guard(layer)
+
+
+def guard(layer):
+    """Keeps a stock HRP layer's frozen weight through Keras' `load_own_variables`.
+
+    Keras writes the saved (merged) kernel into the frozen weight and zeroes
+    the adapter. During a load with a state file the frozen weight is put
+    back exactly; without one, `A` is re-drawn so the adapter can train, and
+    a warning says when the merge changed a run's frozen weight.
+    """
+    if not _merges_on_save(layer):
+        return
+
+    def wrapper(original):
+        def load_own_variables(store):
+            entry = _LOADING.get(id(layer))
+            if entry is None:
+                original(store)
+                _after_stock_load(layer)
+                return
+            kept = [(v, ops.convert_to_numpy(v)) for v in lora.frozen_variables(layer)]
+            original(store)
+            _restore_base(layer, entry, kept)
+
+        return load_own_variables
+
+    internals.wrap_method(layer, "load_own_variables", wrapper)
+
+
+def _after_stock_load(layer):
+    if not getattr(layer, "lora_enabled", False):
+        return
+    lora.revive(layer)
+    state = layer_state(layer)
+    if state is not None and (state.phase == "main" or state.preheat_updates > 0):
+        warnings.warn(
+            f"Layer '{layer.path}' (HRP, phase '{state.phase}') was loaded from a file "
+            "without keras-hrp's state file: Keras stores a LoRA layer's kernel merged "
+            "with its adapter, so the frozen weight now includes that adapter's delta. "
+            "Save and load through the model given to enable_hrp / HRPCallback "
+            f"(they write '<path>{SUFFIX}' beside the file) to keep it apart.",
+            stacklevel=4,
+        )
+
+
+def _merged(layer):
+    merged = layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel
+    return ops.convert_to_numpy(merged)
+
+
+def _checksum(array):
+    return zlib.crc32(np.ascontiguousarray(array).tobytes())
+
+
+def _restore_base(layer, entry, kept):
+    """After Keras' load: checks the file against the state, keeps the base."""
+    base = internals.base_weight(layer)
+    if entry["merged_crc"] is None:  # quantized: no float merge to check
+        for variable, value in kept:
+            variable.assign(value)
+        return
+    merged = ops.convert_to_numpy(base)
+    if _checksum(merged) != entry["merged_crc"]:
+        entry["problem"] = "its state was written by another save than the Keras file"
+        return
+    if entry["frozen"]:  # the state file holds the base itself
+        return
+    a, b, scale = entry["A"], entry["B"], entry["scale"]
+    delta = scale * (a.reshape(-1, b.shape[0]).astype("float64") @ b.astype("float64"))
+    kept_base = dict((id(v), value) for v, value in kept)[id(base)]
+    expected = kept_base.astype("float64") + delta.reshape(kept_base.shape)
+    tolerance = 1e-4 if merged.dtype.itemsize >= 4 else 3e-2
+    if np.abs(merged - expected).max() <= tolerance * (1.0 + np.abs(expected).max()):
+        for variable, value in kept:
+            variable.assign(value)  # the frozen weight, bit for bit
+        return
+    recovered = merged.astype("float64") - delta.reshape(merged.shape)
+    base.assign(recovered.astype(merged.dtype))
+    warnings.warn(
+        f"Layer '{layer.path}': the model's frozen weight is not the one this checkpoint "
+        "was trained from; it is taken from the file's merged kernel minus the saved "
+        "adapter (exact to float rounding). Load the pretrained weights first for a "
+        "bit-exact base.",
+        stacklevel=4,
+    )
+
+
+def _filepath(args, kwargs):
+    return kwargs["filepath"] if "filepath" in kwargs else args[0]
+
+
+def _saving(model, with_base):
+    def make(original):
+        def save(*args, **kwargs):
+            result = original(*args, **kwargs)
+            write_state(model, _filepath(args, kwargs), with_base=with_base)
+            return result
+
+        return save
+
+    return make
+
+
+def _loading(model):
+    def make(original):
+        def load_weights(*args, **kwargs):
+            filepath = _filepath(args, kwargs)
+            sidecar = state_path(filepath)
+            if not os.path.exists(sidecar):
+                return original(*args, **kwargs)
+            owner = f"load_weights of model '{model.name}'"
+            header, arrays = files.read(sidecar, KIND, (VERSION,), owner)
+            entries = _entries(model, header, arrays, sidecar, owner)
+            _prepare(model, header, entries)
+            _LOADING.update((id(entry["layer"]), entry) for entry in entries)
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                for entry in entries:
+                    _LOADING.pop(id(entry["layer"]), None)
+            _apply(model, header, arrays, entries, sidecar, owner)
+            return result
+
+        return load_weights
+
+    return make
+
+
+def write_state(model, filepath, with_base=False):
+    """Writes keras-hrp's state for `model` beside the Keras file `filepath`.
+
+    Args:
+        model: the model just saved.
+        filepath: the Keras file (`.weights.h5`, `.keras`, ...).
+        with_base: also store the frozen weights under the adapters, so
+            `keras_hrp.load_model` restores them exactly without the
+            pretrained model (used beside `.keras` files).
+    """
+    sidecar = state_path(filepath)
+    layers = hrp_layers(model)
+    if not layers:
+        if os.path.exists(sidecar):
+            os.remove(sidecar)  # a stale state must not meet a new file
+        return
+    run = run_state(model)
+    run.count_updates(model)
+    arrays, entries = {}, []
+    for i, layer in enumerate(layers):
+        a, b = lora.lora_factors(layer)
+        arrays[f"layer{i}.A"] = ops.convert_to_numpy(a)
+        arrays[f"layer{i}.B"] = ops.convert_to_numpy(b)
+        merges = _merges_on_save(layer)
+        frozen = lora.frozen_variables(layer) if with_base and merges else []
+        for j, variable in enumerate(frozen):
+            arrays[f"layer{i}.frozen{j}"] = ops.convert_to_numpy(variable)
+        entries.append({
+            "path": layer.path,
+            "state": layer.hrp_state.to_dict(),
+            "lora_alpha": float(layer.lora_alpha),
+            "merged_crc": (
+                _checksum(_merged(layer))
+                if merges and layer.quantization_mode is None else None
+            ),
+            "frozen": [variable.name for variable in frozen],
+        })
+    snapshot = run.snapshot.to_arrays() if run.snapshot is not None else {}
+    for i, value in enumerate(snapshot.values()):
+        arrays[f"snapshot{i}"] = value
+    header = {
+        "layers": entries,
+        "snapshot": list(snapshot) if run.snapshot is not None else None,
+        "iterations": run.counted_iterations,
+        "trainable": {layer.path: bool(layer.trainable) for layer in internals.all_layers(model)},
+    }
+    files.write(sidecar, KIND, VERSION, header, arrays)
+
+
+def _merges_on_save(layer):
+    """Whether Keras saves this layer's kernel merged (HRPDense saves it apart)."""
+    return hasattr(layer, "enable_lora") and not isinstance(layer, HRPDense)
+
+
+def _entries(model, header, arrays, sidecar, owner):
+    """The file's layers matched to `model`'s, or one error listing every mismatch."""
+    try:
+        return _match(model, header, arrays, sidecar, owner)
+    except (KeyError, TypeError, AttributeError) as error:
+        settings.fail(owner, f"damaged state file ({type(error).__name__}: {error})", path=sidecar)
+
+
+def _match(model, header, arrays, sidecar, owner):
+    layers = {layer.path: layer for layer in internals.all_layers(model)}
+    entries, problems = [], []
+    for i, saved in enumerate(header["layers"]):
+        layer = layers.get(saved["path"])
+        if layer is None or not hasattr(layer, "enable_lora"):
+            problems.append(f"{saved['path']}: no such LoRA-capable layer")
+            continue
+        state = HRPState.from_dict(saved["state"], f"{owner}, layer '{saved['path']}'")
+        a, b = arrays[f"layer{i}.A"], arrays[f"layer{i}.B"]
+        rank = state.current_rank
+        want_a, want_b = lora.a_shape_at_rank(layer, rank), lora.b_shape_at_rank(layer, rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"{saved['path']}: saved A{tuple(a.shape)} B{tuple(b.shape)}, "
+                f"layer needs A{want_a} B{want_b}"
+            )
+            continue
+        frozen = {name: arrays[f"layer{i}.frozen{j}"] for j, name in enumerate(saved["frozen"])}
+        entries.append({
+            "layer": layer, "state": state, "A": a, "B": b, "frozen": frozen,
+            "scale": state.scale, "lora_alpha": saved["lora_alpha"],
+            "merged_crc": saved["merged_crc"], "problem": None,
+        })
+    missing = sorted(
+        layer.path for layer in hrp_layers(model) if layer.path not in {e["layer"].path for e in entries}
+    )
+    problems += [f"{path}: HRP layer of the model missing from the state file" for path in missing]
+    if problems:
+        settings.fail(
+            owner,
+            f"'{sidecar}' does not fit the model ({len(problems)} mismatches):\n  "
+            + "\n  ".join(problems),
+            path=sidecar,
+        )
+    return entries
+
+
+def _prepare(model, header, entries):
+    """Gives every saved layer its saved rank, and the model a built
+    optimizer for them, before Keras loads the file."""
+    fresh = [entry for entry in entries if not entry["layer"].lora_enabled]
+    if fresh:  # a model not set up for HRP: freeze as it was saved, first
+        for layer in internals.all_layers(model):
+            if layer.path in header["trainable"]:
+                layer.trainable = header["trainable"][layer.path]
+    changed = bool(fresh)
+    with internals.distribution_scope(model):
+        for entry in entries:
+            layer, state = entry["layer"], entry["state"]
+            if not layer.lora_enabled:
+                lora.enable_adapter(
+                    layer, state.current_rank, state.scale,
+                    trainable_a=state.variant != "asymmetric",
+                )
+                layer.hrp_state = state
+                guard(layer)
+            elif layer.lora_rank != state.current_rank:
+                lora.resize(layer, state.current_rank)
+                changed = True
+    if changed:
+        internals.retrack_torch_params(
+            model, [v for entry in entries for v in lora.lora_factors(entry["layer"])]
+        )
+    optimizer = getattr(model, "optimizer", None)
+    if changed or (optimizer is not None and not optimizer.built):
+        # Built for the saved variables, so Keras loads the saved slots (as
+        # BackupAndRestore does): exact resume needs the optimizer's state.
+        rebuild_training_state(model)
+
+
+def _apply(model, header, arrays, entries, sidecar, owner):
+    """After Keras' load: factors, states, frozen weights, snapshot, step count."""
+    stale = [entry["layer"].path for entry in entries if entry["problem"]]
+    if stale:
+        settings.fail(
+            owner,
+            "the state file was written by another save than the Keras file "
+            "(merged kernels differ); the model is partly loaded",
+            path=sidecar, layers=stale,
+        )
+    for entry in entries:
+        layer = entry["layer"]
+        a, b = lora.lora_factors(layer)
+        a.assign(entry["A"])
+        b.assign(entry["B"])
+        layer.lora_alpha = entry["lora_alpha"]
+        layer.hrp_state = entry["state"]
+        variables = {v.name: v for v in lora.frozen_variables(layer)}
+        for name, value in entry["frozen"].items():
+            variables[name].assign(value)
+    run = run_state(model)
+    saved = header.get("snapshot")
+    run.snapshot = None if saved is None else WeightSnapshot.from_arrays(
+        model, {path: arrays[f"snapshot{i}"] for i, path in enumerate(saved)}, owner
+    )
+    optimizer = getattr(model, "optimizer", None)
+    run.recount_from(optimizer)
+    if header.get("iterations") is not None and run.counted_iterations is not None:
+        if run.counted_iterations != header["iterations"]:
+            settings.fail(
+                owner,
+                f"the state file was written at optimizer step {header['iterations']}, the "
+                f"weights file at step {run.counted_iterations}: they come from different saves",
+                path=sidecar,
+            )
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """`keras.saving.load_model`, with the LoRA and HRP state keras-hrp saved.
+
+    KerasHub rebuilds a model from its config without LoRA and with its
+    backbone trainable. With the state file keras-hrp wrote beside a
+    `.keras` file (`model.save` on a model given to `enable_hrp` or
+    `HRPCallback`), this puts back every HRP layer's adapter, phase and
+    rank, the frozen weights under them (exactly, from the state file) and
+    the trainable flags, then reloads the file's weights and optimizer
+    state into the model so set up.
+
+    Args:
+        filepath: a `.keras` file.
+        custom_objects, compile, safe_mode: as in `keras.saving.load_model`.
+
+    Returns:
+        The model, attached (its saves keep writing the state file).
+
+    Example:
+
+    >>> model.save("run.keras")            # model prepared with enable_hrp
+    >>> restored = keras_hrp.load_model("run.keras")
+    """
+    filepath = settings.path("load_model", "filepath", filepath)
+    model = keras.saving.load_model(
+        filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+    )
+    if os.path.exists(state_path(filepath)):
+        attach(model)
+        model.load_weights(filepath)
+    return model

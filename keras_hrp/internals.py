@@ -1,0 +1,182 @@
+"""Every use of a private Keras / KerasHub attribute, in one place.
+
+Each entry says why the public API does not suffice. When a Keras or
+KerasHub release changes one of these, this module is the one to fix.
+Verified against keras 3.15 and keras-hub 0.32.
+"""
+
+import contextlib
+import functools
+import sys
+
+import keras
+
+
+def all_layers(model, include_self=True):
+    """Every layer under `model`, nested ones (attention projections) included.
+
+    `model.layers` lists only the top level; `_flatten_layers` is the
+    traversal Keras itself uses for nested layers, in a stable order.
+    """
+    return list(model._flatten_layers(include_self=include_self, recursive=True))
+
+
+def own_variables(layer):
+    """The variables a layer owns directly, not those of its sublayers.
+
+    `layer.weights` includes every sublayer's variables.
+    """
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def base_weight(layer):
+    """The frozen weight under a LoRA adapter (`Dense`/`EinsumDense`/`Embedding`).
+
+    The public `kernel` / `embeddings` properties return the weight merged
+    with the adapter, never the variable itself.
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        return layer._embeddings
+    return layer._kernel
+
+
+def replace_variable(layer, name, value, trainable, like):
+    """Replaces the variable `layer.<name>` by a new one holding `value`.
+
+    Keras layers lock their variable tracker after `build`; `enable_lora`
+    and `quantize` unlock it the same way to add variables. The old variable
+    is untracked directly: `Layer.__delattr__` would run one full
+    `gc.collect()` per variable.
+    """
+    layer._tracker.unlock()
+    try:
+        layer._untrack_variable(like)
+        super(keras.layers.Layer, layer).__delattr__(name)
+        new = layer.add_weight(
+            name=name,
+            shape=tuple(value.shape),
+            initializer="zeros",
+            dtype="float32",
+            trainable=trainable,
+            regularizer=like.regularizer,
+            constraint=like.constraint,
+        )
+        new.assign(value)
+        setattr(layer, name, new)
+    finally:
+        layer._tracker.lock()
+    return new
+
+
+def retrack_torch_params(model, variables):
+    """Points every torch `ParameterDict` of `model` at `variables`.
+
+    On torch each Keras layer (the model too) keeps a `_torch_params` dict of
+    the variables below it, built once; a replaced variable would stay
+    registered there (its gradient never zeroed) and the new one missing.
+    There is no public way to re-register a variable.
+    """
+    if keras.backend.backend() != "torch":
+        return
+    for owner in model.modules():
+        params = getattr(owner, "_torch_params", None)
+        if params is None:
+            continue
+        for variable in variables:
+            if variable.path in params:
+                params[variable.path] = variable.value
+
+
+def base_learning_rate(optimizer):
+    """The optimizer's learning rate as configured: a float or a schedule.
+
+    `optimizer.learning_rate` evaluates a schedule at the current step.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    return inner._learning_rate
+
+
+def drop_compiled_functions(model):
+    """Makes every compiled function of `model` (and its submodels) retrace.
+
+    Compiled train / test / predict functions capture the variables they were
+    traced with (TensorFlow keeps them); `make_train_function(force=True)`
+    is public but the test and predict caches have no public reset. KerasHub
+    CausalLMs also cache `generate_function`, which on TensorFlow keeps the
+    old adapters.
+    """
+    for owner in all_layers(model):
+        if not isinstance(owner, keras.Model):
+            continue
+        if getattr(owner, "generate_function", None) is not None:
+            owner.generate_function = None
+        if getattr(owner, "compiled", False):
+            owner.train_function = None
+            owner.make_train_function(force=True)
+            owner.test_function = None
+            owner.predict_function = None
+
+
+def set_keras_hub_lora_index(backbone, targets, rank):
+    """Tells a KerasHub backbone which layers carry LoRA, at which rank.
+
+    `save_lora_weights` / `load_lora_weights` read `_lora_enabled_layers`
+    (indices among layers with weights) and `_lora_rank`; only
+    `Backbone.enable_lora` sets them, and it enables LoRA itself.
+    """
+    weighted = [layer for layer in all_layers(backbone, include_self=False) if layer.weights]
+    backbone._lora_enabled_layers = [i for i, layer in enumerate(weighted) if layer in targets]
+    backbone._lora_rank = rank
+
+
+def wrap_method(owner, name, make_wrapper):
+    """Replaces `owner.<name>` on this instance by `make_wrapper(original)`.
+
+    Keras calls `load_own_variables` on each layer and BackupAndRestore /
+    ModelCheckpoint call `model.save_weights` / `load_weights` / `save`; no
+    hook lets a library add its own state to those calls. Wrapping is
+    idempotent: a method already wrapped by keras-hrp is left as it is.
+    """
+    original = getattr(owner, name)
+    if getattr(original, "_keras_hrp_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._keras_hrp_wrapped = True
+    object.__setattr__(owner, name, wrapper)
+
+
+def unwrapped(owner, name):
+    """The method under a keras-hrp wrapper (the stock one)."""
+    method = getattr(owner, name)
+    return getattr(method, "__wrapped__", method) if getattr(method, "_keras_hrp_wrapped", False) else method
+
+
+def sibling_callbacks(callback):
+    """The other callbacks of the `fit` that is calling `callback.set_model`.
+
+    Keras gives a callback no handle on the other callbacks of its run; the
+    `CallbackList` that calls `set_model` on each of them is the one object
+    that holds them all. Returns `[]` when not called from one.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):  # a few frames up: subclasses may wrap set_model
+        frame = frame.f_back
+        if frame is None:
+            break
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, keras.callbacks.CallbackList):
+            return [cb for cb in caller.callbacks if cb is not callback]
+    return []
+
+
+@contextlib.contextmanager
+def distribution_scope(model):
+    """The scope new variables of `model` must be created in.
+
+    TensorFlow: the model's `tf.distribute` strategy (`distribute_strategy`
+    is public on TF models); elsewhere `keras.distribution` is global and
+    needs nothing.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        yield
