@@ -8,6 +8,7 @@ import pytest
 
 import keras_hrp
 from keras_hrp import lora
+from tests.helpers import SEQ
 from tests.helpers import VOCAB
 from tests.helpers import bert_classifier
 from tests.helpers import gemma_causal_lm
@@ -100,3 +101,44 @@ def test_reversible_embedding_target():
     keras.Model.fit(task, x, y, batch_size=16, epochs=1, callbacks=[hrp, probe], verbose=0)
     np.testing.assert_allclose(probe.after, before, rtol=1e-4, atol=1e-4)
     assert tuple(layer.lora_embeddings_a.shape) == (VOCAB, 2) and not hrp.report.fallbacks
+
+
+def test_generate_after_the_switch_uses_the_current_adapters():
+    task, x, y, loss = gemma_causal_lm()
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    mask = np.arange(SEQ)[None, :] < 3
+    prompt = {"token_ids": x["token_ids"][:2] * mask, "padding_mask": np.repeat(mask, 2, axis=0)}
+    task.generate(prompt, max_length=SEQ, stop_token_ids=None)  # compiles (and caches) generation at the preheat rank
+    keras.Model.fit(task, x, y, batch_size=16, epochs=1, verbose=0,
+                    callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    rng = np.random.default_rng(0)
+    for layer in keras_hrp.hrp_layers(task):  # adapters that change what is generated
+        b = lora.lora_factors(layer)[1]
+        b.assign(rng.normal(size=b.shape).astype("float32") * 3.0)
+    generated = task.generate(prompt, max_length=SEQ, stop_token_ids=None)
+    task.generate_function = None  # a freshly traced generation, for reference
+    expected = task.generate(prompt, max_length=SEQ, stop_token_ids=None)
+    np.testing.assert_array_equal(generated["token_ids"], expected["token_ids"])
+    for layer in keras_hrp.hrp_layers(task):
+        lora.lora_factors(layer)[1].assign(np.zeros(lora.lora_factors(layer)[1].shape, "float32"))
+    task.generate_function = None
+    unadapted = task.generate(prompt, max_length=SEQ, stop_token_ids=None)
+    assert not np.array_equal(unadapted["token_ids"], expected["token_ids"])  # the check can fail
+
+
+def test_keras_hub_lora_files_refused_while_preheating(tmp_path):
+    task, x, y, loss = bert_classifier()
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    path = os.path.join(tmp_path, "pre.lora.h5")
+    with pytest.raises(ValueError, match="save_lora_weights of 'bert_backbone.*': HRP layers are still preheating.*preheating=\\["):
+        task.backbone.save_lora_weights(path)
+    assert not os.path.exists(path)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    keras.Model.fit(task, x, y, batch_size=16, epochs=1, verbose=0,
+                    callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    task.backbone.save_lora_weights(path)  # after the switch: one rank, a valid file
+    fresh, *_ = bert_classifier()
+    keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=6)
+    with pytest.raises(ValueError, match="load_lora_weights of .*still preheating"):
+        fresh.backbone.load_lora_weights(path)

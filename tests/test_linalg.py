@@ -92,3 +92,22 @@ def test_truncated_svd_errors():
         truncated_svd(np.ones((4, 4)), 2, method="qr")
     with pytest.raises(ValueError, match=r"\[1, 4\].*rank=5"):
         truncated_svd(np.ones((4, 6)), 5)
+
+
+def test_singular_vector_signs_are_fixed():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 6)).astype("float32")
+    b = rng.normal(size=(6, 30)).astype("float32")
+    u, s, v = (numpy_of(t) for t in svd_of_product(a, b, rank=4))
+    peak = np.abs(u).argmax(axis=0)
+    assert np.all(u[peak, np.arange(4)] > 0)  # each column's largest entry is positive
+    # the same product from other factors (and another QR sign pattern): same vectors
+    u2, s2, v2 = (numpy_of(t) for t in svd_of_product(-a, -b, rank=4))
+    np.testing.assert_allclose(u2, u, atol=1e-5)
+    np.testing.assert_allclose(v2, v, atol=1e-5)
+    again = svd_of_product(a, b, rank=4)
+    for first, second in zip((u, s, v), again):
+        np.testing.assert_array_equal(first, numpy_of(second))  # bit for bit
+    for method in ("full", "randomized"):
+        tu, _, _ = (numpy_of(t) for t in truncated_svd(a @ b, 4, method=method, seed=1))
+        assert np.all(tu[np.abs(tu).argmax(axis=0), np.arange(4)] > 0)
