@@ -132,10 +132,15 @@ def set_keras_hub_lora_index(backbone, targets, rank):
 def wrap_method(owner, name, make_wrapper):
     """Replaces `owner.<name>` on this instance by `make_wrapper(original)`.
 
-    Keras calls `load_own_variables` on each layer and BackupAndRestore /
-    ModelCheckpoint call `model.save_weights` / `load_weights` / `save`; no
-    hook lets a library add its own state to those calls. Wrapping is
-    idempotent: a method already wrapped by keras-hrp is left as it is.
+    Keras offers no hook on these calls, and keras-hrp must act on each:
+    - an HRP stock layer's `load_own_variables`: Keras writes the saved,
+      merged kernel into the frozen weight; the wrapper keeps it exactly;
+    - a model's `save_weights` / `save` / `load_weights` (what
+      BackupAndRestore and ModelCheckpoint call): keras-hrp's state file is
+      written and read beside Keras' own;
+    - a KerasHub backbone's `save_lora_weights` / `load_lora_weights`: their
+      file holds one rank, so they refuse while layers preheat.
+    Only this instance changes; wrapping twice is a no-op.
     """
     original = getattr(owner, name)
     if getattr(original, "_keras_hrp_wrapped", False):

@@ -38,9 +38,9 @@ def test_round_trip_into_a_fresh_model(tmp_path):
     keras_hrp.load_adapters(fresh, path)
     tokens = probe_tokens()
     np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
-    query = fresh.get_layer("mha")._query_dense
+    query = fresh.get_layer("mha").query_dense
     assert query.lora_enabled and query.lora_rank == 2
-    np.testing.assert_array_equal(numpy_of(query.bias), numpy_of(model.get_layer("mha")._query_dense.bias))
+    np.testing.assert_array_equal(numpy_of(query.bias), numpy_of(model.get_layer("mha").query_dense.bias))
 
 
 @pytest.mark.parametrize("other", OTHERS)
@@ -75,7 +75,7 @@ def test_mismatch_lists_everything_and_changes_nothing(tmp_path):
     assert "mha/query" not in message  # fits: it gets LoRA at load
     after = [numpy_of(w) for w in other.weights]
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))
-    assert not other.get_layer("mha")._query_dense.lora_enabled
+    assert not other.get_layer("mha").query_dense.lora_enabled
 
 
 def test_shape_mismatch(tmp_path):

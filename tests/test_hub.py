@@ -37,7 +37,7 @@ def test_targets_freezing_and_ranks():
     assert paths == ["embed", "ffn", "mha/query", "mha/value"]
     ranks = {layer.path: layer.lora_rank for layer in layers}
     assert ranks == {"embed": 16, "ffn": 16, "mha/query": 8, "mha/value": 8}
-    assert tuple(model.get_layer("mha")._query_dense.lora_kernel_a.shape) == (32, 2, 8)
+    assert tuple(model.get_layer("mha").query_dense.lora_kernel_a.shape) == (32, 2, 8)
     trainable = sorted(v.path for v in model.trainable_variables)
     assert trainable == sorted(
         ["embed/lora_embeddings_a", "embed/lora_embeddings_b", "ffn/bias", "ffn/lora_kernel_a",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_hrp
+from keras_hrp import internals
 from keras_hrp import lora
 from tests.helpers import SEQ
 from tests.helpers import VOCAB
@@ -75,7 +76,7 @@ def test_keras_hub_lora_weights_round_trip_after_switch(tmp_path):
     fresh.set_weights(base)
     fresh.load_lora_weights(path)
     trained = {l.path: l for l in keras_hrp.hrp_layers(task.backbone)}
-    for layer in fresh._flatten_layers():
+    for layer in internals.all_layers(fresh):
         if layer.path in trained:  # KerasHub's file holds A and B, not the biases it trains
             assert layer.lora_rank == 2
             np.testing.assert_array_equal(

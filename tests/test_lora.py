@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_hrp import internals
 from keras_hrp import lora
 from tests.helpers import BACKEND
 from tests.helpers import numpy_of
@@ -33,7 +34,7 @@ def _weight(layer):
 
 
 def _base(layer):
-    return numpy_of(layer._embeddings if hasattr(layer, "lora_embeddings_a") else layer._kernel)
+    return numpy_of(internals.base_weight(layer))
 
 
 @pytest.mark.parametrize("make", [_dense, _einsum, _embedding], ids=["dense", "einsum", "embedding"])

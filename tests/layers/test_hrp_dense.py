@@ -6,6 +6,7 @@ import pytest
 
 import keras_hrp
 from keras_hrp import HRPDense
+from keras_hrp import internals
 from tests.helpers import numpy_of
 
 
@@ -31,7 +32,7 @@ def test_preheat_build_and_scale():
     assert tuple(layer.lora_kernel_a.shape) == (10, 6)
     assert layer.lora_alpha / layer.lora_rank == pytest.approx(2.0)  # alpha / rank
     layer.lora_kernel_b.assign(np.ones((6, 8), "float32"))
-    expected = numpy_of(layer._kernel) + 2.0 * numpy_of(layer.lora_kernel_a) @ np.ones((6, 8))
+    expected = numpy_of(internals.base_weight(layer)) + 2.0 * numpy_of(layer.lora_kernel_a) @ np.ones((6, 8))
     np.testing.assert_allclose(numpy_of(layer.kernel), expected, atol=1e-5)
 
 
@@ -99,10 +100,10 @@ def test_weights_round_trip_keeps_the_adapter(tmp_path):
     model.save_weights(path)
     other = keras.Sequential([keras.Input((10,)), HRPDense(8, rank=2, preheat_rank=4)])
     other.load_weights(path)
-    for name in ("_kernel", "lora_kernel_a", "lora_kernel_b", "bias"):
-        np.testing.assert_array_equal(
-            numpy_of(getattr(model.layers[0], name)), numpy_of(getattr(other.layers[0], name))
-        )
+    mine, theirs = model.layers[0], other.layers[0]
+    np.testing.assert_array_equal(numpy_of(internals.base_weight(mine)), numpy_of(internals.base_weight(theirs)))
+    for name in ("lora_kernel_a", "lora_kernel_b", "bias"):
+        np.testing.assert_array_equal(numpy_of(getattr(mine, name)), numpy_of(getattr(theirs, name)))
 
 
 def test_loading_merged_dense_weights_leaves_a_trainable_adapter():
@@ -134,3 +135,24 @@ def test_quantized_base_with_hrp_adapter_trains_and_switches(mode):
     b = numpy_of(layer.lora_kernel_b)
     assert np.abs(b).max() > 0  # trained after the switch
     assert not np.allclose(model.predict(x, verbose=0), before)
+
+
+def test_main_phase_weights_load_into_a_preheating_layer(tmp_path):
+    x = np.random.default_rng(0).normal(size=(4, 10)).astype("float32")
+    model = keras.Sequential([keras.Input((10,)), HRPDense(8, rank=2, preheat_rank=4, name="h")])
+    keras_hrp.switch_to_main(model)
+    layer = model.layers[0]
+    layer.lora_kernel_b.assign(np.full((2, 8), 0.3, "float32"))
+    layer.hrp_state.preheat_updates = 7
+    path = os.path.join(tmp_path, "main.weights.h5")
+    model.save_weights(path)  # a plain save: HRPDense keeps its own format
+    fresh = keras.Sequential([keras.Input((10,)), HRPDense(8, rank=2, preheat_rank=4, name="h")])
+    assert fresh.layers[0].lora_rank == 4
+    fresh.load_weights(path)
+    state = fresh.layers[0].hrp_state
+    assert state.phase == "main" and fresh.layers[0].lora_rank == 2 and state.preheat_updates == 7
+    np.testing.assert_array_equal(numpy_of(fresh.layers[0].lora_kernel_b), numpy_of(layer.lora_kernel_b))
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    other = keras.Sequential([keras.Input((10,)), HRPDense(8, rank=3, preheat_rank=4, name="h")])
+    with pytest.raises(ValueError, match="'h'.*saved HRP state does not match.*\\(3, 4, 'classic'\\)"):
+        other.load_weights(path)
