@@ -119,29 +119,30 @@ def _checksum(array):
 
 
 def _restore_base(layer, entry, kept):
-    """After Keras' load: checks the file against the state, keeps the base."""
+    """After Keras' load: the frozen weights back, bit for bit, then checks.
+
+    The file's merged kernel must be the one the state file describes
+    (checksum); if the model's frozen weight plus the saved delta does not
+    give it, the model holds other weights than the run was trained from,
+    and the base is taken from the file instead.
+    """
     base = internals.base_weight(layer)
-    if entry["merged_crc"] is None:  # quantized: no float merge to check
-        for variable, value in kept:
-            variable.assign(value)
-        return
-    merged = ops.convert_to_numpy(base)
+    merged = ops.convert_to_numpy(base)  # what Keras loaded: W + s A B
+    for variable, value in kept:
+        variable.assign(value)
+    if entry["merged_crc"] is None or entry["frozen"]:
+        return  # quantized (no float merge to check), or the state file holds the base
     if _checksum(merged) != entry["merged_crc"]:
         entry["problem"] = "its state was written by another save than the Keras file"
         return
-    if entry["frozen"]:  # the state file holds the base itself
-        return
-    a, b, scale = entry["A"], entry["B"], entry["scale"]
-    delta = scale * (a.reshape(-1, b.shape[0]).astype("float64") @ b.astype("float64"))
-    kept_base = dict((id(v), value) for v, value in kept)[id(base)]
-    expected = kept_base.astype("float64") + delta.reshape(kept_base.shape)
+    a, b = entry["A"], entry["B"]
+    delta = entry["scale"] * (a.reshape(-1, b.shape[0]).astype("float64") @ b.astype("float64"))
+    delta = delta.reshape(merged.shape)
+    expected = dict((id(v), value) for v, value in kept)[id(base)].astype("float64") + delta
     tolerance = 1e-4 if merged.dtype.itemsize >= 4 else 3e-2
     if np.abs(merged - expected).max() <= tolerance * (1.0 + np.abs(expected).max()):
-        for variable, value in kept:
-            variable.assign(value)  # the frozen weight, bit for bit
         return
-    recovered = merged.astype("float64") - delta.reshape(merged.shape)
-    base.assign(recovered.astype(merged.dtype))
+    base.assign((merged.astype("float64") - delta).astype(merged.dtype))
     warnings.warn(
         f"Layer '{layer.path}': the model's frozen weight is not the one this checkpoint "
         "was trained from; it is taken from the file's merged kernel minus the saved "
@@ -332,7 +333,8 @@ def _apply(model, header, arrays, entries, sidecar, owner):
         settings.fail(
             owner,
             "the state file was written by another save than the Keras file "
-            "(merged kernels differ); the model is partly loaded",
+            "(merged kernels differ); the frozen weights are kept, the other weights "
+            "are the Keras file's",
             path=sidecar, layers=stale,
         )
     for entry in entries:

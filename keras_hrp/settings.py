@@ -26,11 +26,16 @@ def fail(owner, message, error=ValueError, **received):
     raise error(f"{owner}: {message}. Received: {shown}")
 
 
+def is_integer(value):
+    """Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def integer(owner, name, value, minimum=None, optional=False):
     """`value` as a Python int (numpy integers accepted; bools refused)."""
     if value is None and optional:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         fail(owner, f"`{name}` must be an integer", **{name: value})
     value = int(value)
     if minimum is not None and value < minimum:

@@ -53,6 +53,8 @@ def set_up(kind, base_path):
     model.load_weights(base_path)
     if kind == "hub":
         keras_hrp.enable_hrp(model, rank=2, preheat_rank=6)
+    else:  # HRPDense models: attach before any load that should read the state file
+        keras_hrp.checkpoints.attach(model)
     model.compile(keras.optimizers.Adam(3e-3), loss=loss)
     return model, x, y
 

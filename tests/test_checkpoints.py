@@ -20,11 +20,15 @@ from tests.helpers import weights_by_path
 pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDERS = ("hrp_first", "backup_first")
-# (name, preheat steps, interrupted after step): 4 steps an epoch, backups at
-# epoch ends. "preheat": last backup mid-preheat; "switch": the switch is the
-# last step of epoch 2, backed up right after it; "main": backup after it.
-POINTS = (("preheat", 6, 5), ("switch", 8, 9), ("main", 6, 14))
+# (name, preheat steps, interrupted after step, callback orders): 4 steps an
+# epoch, backups at epoch ends. "preheat": last backup mid-preheat; "switch":
+# the switch is the last step of epoch 2, backed up right after it; "main":
+# backup after it. Both orders where the restore meets a preheat in progress.
+POINTS = (
+    ("preheat", 6, 5, ("hrp_first", "backup_first")),
+    ("switch", 8, 9, ("hrp_first",)),
+    ("main", 6, 14, ("backup_first",)),
+)
 
 
 def _in_new_process(specs, tmp_path):
@@ -70,14 +74,18 @@ def _assert_same_run(resumed, reference, frozen):
 def test_backup_and_restore_resumes_exactly_in_a_new_process(kind, tmp_path):
     base, frozen = _pretrained(kind, tmp_path)
     common = {"kind": kind, "base": base}
-    references = {p: resume_worker.run({**common, "preheat": p}) for p in (6, 8)}
+    pattern = os.path.join(tmp_path, "ckpt-{epoch}.weights.h5")
+    references = {
+        6: resume_worker.run({**common, "preheat": 6, "checkpoint": pattern}),
+        8: resume_worker.run({**common, "preheat": 8}),
+    }
     for reference in references.values():
         assert reference["switch_step"] is not None and not reference["fallbacks"]
         for path, value in frozen.items():
             np.testing.assert_array_equal(reference["weights"][path], value)
     specs, expected = [], []
-    for name, preheat, step in POINTS:
-        for order in ORDERS:
+    for name, preheat, step, orders in POINTS:
+        for order in orders:
             spec = {
                 **common, "preheat": preheat, "order": order,
                 "backup_dir": os.path.join(tmp_path, f"{name}-{order}"),
@@ -87,54 +95,75 @@ def test_backup_and_restore_resumes_exactly_in_a_new_process(kind, tmp_path):
             assert os.path.exists(os.path.join(spec["backup_dir"], "latest.weights.h5.hrp.npz"))
             specs.append(spec)
             expected.append(references[preheat])
+    for epoch in (1, 3):  # ModelCheckpoint + reload: saved in the preheat, after the switch
+        specs.append({
+            **common, "preheat": 6, "load": pattern.format(epoch=epoch), "initial_epoch": epoch,
+            "out": os.path.join(tmp_path, f"from-{epoch}.npz"),
+        })
+        expected.append(references[6])
     for spec, resumed, reference in zip(specs, _in_new_process(specs, tmp_path), expected):
         _assert_same_run(resumed, reference, frozen)
         states = resumed["states"].values()
         assert all(s["phase"] == "main" and s["preheat_updates"] == spec["preheat"] for s in states)
-        # the preheat resumed in the new process switches there, after exactly P updates
-        if spec["backup_dir"].endswith(("preheat-hrp_first", "preheat-backup_first")):
+        if "preheat-" in spec["out"] or spec["out"].endswith("from-1.npz"):
+            # the preheat resumed in the new process switches there, after exactly P updates
             assert resumed["switch_step"] == spec["preheat"]
 
 
-def test_model_checkpoint_weights_reload_and_continue(tmp_path):
-    base, frozen = _pretrained("hub", tmp_path)
-    pattern = os.path.join(tmp_path, "ckpt-{epoch}.weights.h5")
-    reference = resume_worker.run({"kind": "hub", "base": base, "preheat": 6, "checkpoint": pattern})
-    specs = [
-        {"kind": "hub", "base": base, "preheat": 6, "load": pattern.format(epoch=epoch),
-         "initial_epoch": epoch, "out": os.path.join(tmp_path, f"from-{epoch}.npz")}
-        for epoch in (1, 3)  # saved in the preheat, and after the switch
-    ]
-    for resumed in _in_new_process(specs, tmp_path):
-        _assert_same_run(resumed, reference, frozen)
-
-
-def _switched_hub_model(tmp_path):
-    base, frozen = _pretrained("hub", tmp_path)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A switched hub model's files: weights, .keras, and a later save."""
+    folder = tmp_path_factory.mktemp("saved")
+    base, frozen = _pretrained("hub", folder)
     model, x, y = resume_worker.set_up("hub", base)
     keras.Model.fit(model, x, y, batch_size=16, epochs=2, verbose=0,
                     callbacks=[keras_hrp.HRPCallback(3, verbose=0)])
-    return model, x, frozen
+    files = {name: os.path.join(folder, name) for name in ("m.weights.h5", "m.keras", "later.weights.h5")}
+    model.save_weights(files["m.weights.h5"])
+    model.save(files["m.keras"])
+    saved = {
+        "base": base, "frozen": frozen, "x": x, "files": files, "folder": folder,
+        "expected": model.predict(x, verbose=0),
+        "iterations": int(numpy_of(model.optimizer.iterations)),
+        "paths": sorted(layer.path for layer in keras_hrp.hrp_layers(model)),
+        "trainable": sorted(v.path for v in model.trainable_variables),
+    }
+    keras.Model.fit(model, x, y, batch_size=16, epochs=1, verbose=0)
+    model.save_weights(files["later.weights.h5"])
+    return saved
 
 
-def test_files_still_load_in_stock_keras_and_keras_hub(tmp_path):
-    model, x, _ = _switched_hub_model(tmp_path)
-    keras_path = os.path.join(tmp_path, "m.keras")
-    weights_path = os.path.join(tmp_path, "m.weights.h5")
-    model.save(keras_path)
-    model.save_weights(weights_path)
-    assert os.path.exists(keras_path + ".hrp.npz") and os.path.exists(weights_path + ".hrp.npz")
-    np.savez(os.path.join(tmp_path, "x.npz"), **x)
-    np.save(os.path.join(tmp_path, "expected.npy"), model.predict(x, verbose=0))
+def _set_up(saved):
+    model, *_ = resume_worker.set_up("hub", saved["base"])
+    return model
+
+
+def _frozen_of(model):
+    return {
+        internals.base_weight(layer).path: numpy_of(internals.base_weight(layer))
+        for layer in keras_hrp.hrp_layers(model)
+    }
+
+
+def _copy(source, target):
+    with open(source, "rb") as stream, open(target, "wb") as out:
+        out.write(stream.read())
+
+
+def test_files_still_load_in_stock_keras_and_keras_hub(saved):
+    folder, files = saved["folder"], saved["files"]
+    assert all(os.path.exists(files[name] + ".hrp.npz") for name in ("m.keras", "m.weights.h5"))
+    np.savez(os.path.join(folder, "x.npz"), **saved["x"])
+    np.save(os.path.join(folder, "expected.npy"), saved["expected"])
     script = textwrap.dedent(f"""
         import sys
         import keras, keras_hub, numpy as np
-        x = dict(np.load({os.path.join(tmp_path, "x.npz")!r}))
-        expected = np.load({os.path.join(tmp_path, "expected.npy")!r})
-        stock = keras.saving.load_model({keras_path!r})
+        x = dict(np.load({os.path.join(folder, "x.npz")!r}))
+        expected = np.load({os.path.join(folder, "expected.npy")!r})
+        stock = keras.saving.load_model({files["m.keras"]!r})
         np.testing.assert_allclose(stock.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
-        fresh = keras.saving.load_model({keras_path!r})
-        fresh.load_weights({weights_path!r})
+        fresh = keras.saving.load_model({files["m.keras"]!r})
+        fresh.load_weights({files["m.weights.h5"]!r})
         np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
         assert "keras_hrp" not in sys.modules
         print("stock ok")
@@ -144,60 +173,53 @@ def test_files_still_load_in_stock_keras_and_keras_hub(tmp_path):
     assert done.returncode == 0 and "stock ok" in done.stdout, done.stderr[-3000:]
 
 
-def test_load_model_restores_lora_state_and_freezing(tmp_path):
-    model, x, frozen = _switched_hub_model(tmp_path)
-    path = os.path.join(tmp_path, "m.keras")
-    model.save(path)
+def test_load_model_restores_lora_state_and_freezing(saved):
+    path = saved["files"]["m.keras"]
     stock = keras.saving.load_model(path)  # what KerasHub gives back alone
     assert not keras_hrp.hrp_layers(stock) and stock.backbone.trainable_weights
     restored = keras_hrp.load_model(path)
     layers = keras_hrp.hrp_layers(restored)
-    assert sorted(layer.path for layer in layers) == sorted(l.path for l in keras_hrp.hrp_layers(model))
+    assert sorted(layer.path for layer in layers) == saved["paths"]
     assert all(layer.hrp_state.phase == "main" and layer.lora_rank == 2 for layer in layers)
-    for layer in layers:  # frozen base exact, adapters exact
-        np.testing.assert_array_equal(numpy_of(internals.base_weight(layer)), frozen[internals.base_weight(layer).path])
-    trainable = sorted(v.path for v in restored.trainable_variables)
-    assert trainable == sorted(v.path for v in model.trainable_variables)
-    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    for path_, value in _frozen_of(restored).items():  # the frozen base, exactly
+        np.testing.assert_array_equal(value, saved["frozen"][path_])
+    assert sorted(v.path for v in restored.trainable_variables) == saved["trainable"]
+    np.testing.assert_allclose(restored.predict(saved["x"], verbose=0), saved["expected"], rtol=1e-5, atol=1e-6)
     # KerasHub tasks compile outside load_model; then load_weights brings the optimizer state.
-    restored.compile(optimizer=keras.optimizers.Adam(3e-3), loss=model.loss)
+    restored.compile(optimizer=keras.optimizers.Adam(3e-3),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     restored.load_weights(path)
-    assert int(numpy_of(restored.optimizer.iterations)) == int(numpy_of(model.optimizer.iterations))
+    assert int(numpy_of(restored.optimizer.iterations)) == saved["iterations"]
 
 
-def test_stale_state_file_is_refused(tmp_path):
-    model, x, _ = _switched_hub_model(tmp_path)
+def test_stale_state_file_is_refused(saved, tmp_path):
     path = os.path.join(tmp_path, "m.weights.h5")
-    model.save_weights(path)
-    stale = os.path.join(tmp_path, "stale.npz")
-    os.replace(path + ".hrp.npz", stale)
-    keras.Model.fit(model, x, x["token_ids"][:, 0] % 2, batch_size=16, epochs=1, verbose=0)
-    model.save_weights(path)
-    os.replace(stale, path + ".hrp.npz")  # a state file from the earlier save
+    _copy(saved["files"]["later.weights.h5"], path)
+    _copy(saved["files"]["m.weights.h5"] + ".hrp.npz", path + ".hrp.npz")  # from the earlier save
+    model = _set_up(saved)
     with pytest.raises(ValueError, match="load_weights of model .*another save than the Keras file"):
         model.load_weights(path)
+    for path_, value in _frozen_of(model).items():  # the frozen base survives the refused load
+        np.testing.assert_array_equal(value, saved["frozen"][path_])
 
 
-def test_other_base_in_memory_is_recovered_with_a_warning(tmp_path):
-    model, x, frozen = _switched_hub_model(tmp_path)
-    path = os.path.join(tmp_path, "m.weights.h5")
-    model.save_weights(path)
-    expected = model.predict(x, verbose=0)
-    for layer in keras_hrp.hrp_layers(model):  # not the pretrained weights any more
+def test_other_base_in_memory_is_recovered_with_a_warning(saved):
+    model = _set_up(saved)
+    for layer in keras_hrp.hrp_layers(model):  # not the pretrained weights
         base = internals.base_weight(layer)
         base.assign(numpy_of(base) + 0.5)
     with pytest.warns(UserWarning, match="frozen weight is not the one this checkpoint was trained from"):
-        model.load_weights(path)
-    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
-    for layer in keras_hrp.hrp_layers(model):
-        np.testing.assert_allclose(numpy_of(internals.base_weight(layer)), frozen[internals.base_weight(layer).path], atol=1e-6)
+        model.load_weights(saved["files"]["m.weights.h5"])
+    np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["expected"], rtol=1e-4, atol=1e-5)
+    for path_, value in _frozen_of(model).items():
+        np.testing.assert_allclose(value, saved["frozen"][path_], atol=1e-6)
 
 
-def test_damaged_state_file(tmp_path):
-    model, _, _ = _switched_hub_model(tmp_path)
+def test_damaged_state_file(saved, tmp_path):
     path = os.path.join(tmp_path, "m.weights.h5")
-    model.save_weights(path)
+    _copy(saved["files"]["m.weights.h5"], path)
+    _copy(saved["files"]["m.weights.h5"] + ".hrp.npz", path + ".hrp.npz")
     with open(path + ".hrp.npz", "r+b") as stream:
         stream.truncate(100)
     with pytest.raises(ValueError, match="load_weights of model .*not a readable keras-hrp checkpoint file.*m.weights.h5.hrp.npz"):
-        model.load_weights(path)
+        _set_up(saved).load_weights(path)

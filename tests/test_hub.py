@@ -118,13 +118,18 @@ def test_errors():
         keras_hrp.enable_hrp(model, 2, 4, target_layer_names=["value"])
 
 
-def test_load_weights_keeps_base_and_adapters(tmp_path):
+def _switched_attention_model():
     x, y = _data()
     model = _attention_model()
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
+    return model, x
+
+
+def test_load_weights_keeps_base_and_adapters(tmp_path):
+    model, x = _switched_attention_model()
     layers = keras_hrp.hrp_layers(model)
     bases = [numpy_of(internals.base_weight(layer)) for layer in layers]
     factors = [[numpy_of(v) for v in lora.lora_factors(layer)] for layer in layers]
@@ -140,12 +145,7 @@ def test_load_weights_keeps_base_and_adapters(tmp_path):
 
 
 def test_load_weights_without_state_file_merges_and_says_so(tmp_path):
-    x, y = _data()
-    model = _attention_model()
-    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
-    model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
+    model, x = _switched_attention_model()
     before = model.predict(x, verbose=0)
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)

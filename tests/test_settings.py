@@ -86,14 +86,18 @@ OPTIONAL = st.one_of(st.none(), ANYTHING)
 
 
 @PROPERTY
-@given(rank=ANYTHING, preheat_rank=OPTIONAL, lora_alpha=OPTIONAL, variant=VARIANT)
-def test_hrp_dense_arguments(rank, preheat_rank, lora_alpha, variant):
+@given(
+    units=st.sampled_from([16, np.int64(16), 0, 2.5, "8"]), rank=ANYTHING,
+    preheat_rank=OPTIONAL, lora_alpha=OPTIONAL, variant=VARIANT,
+)
+def test_hrp_dense_arguments(units, rank, preheat_rank, lora_alpha, variant):
     if rank is None:
         return  # without rank HRPDense is a plain Dense
-    invalid = _first_invalid(_rank_checks(rank, preheat_rank, lora_alpha, variant))
+    checks = [("units", units, _integral(units) and units >= 1)]
+    invalid = _first_invalid(checks + _rank_checks(rank, preheat_rank, lora_alpha, variant))
     layer = _expect(
         lambda: keras_hrp.HRPDense(
-            16, rank=rank, preheat_rank=preheat_rank, lora_alpha=lora_alpha, variant=variant
+            units, rank=rank, preheat_rank=preheat_rank, lora_alpha=lora_alpha, variant=variant
         ),
         "HRPDense", invalid,
     )

@@ -72,6 +72,13 @@ class HRPDense(keras.layers.Dense):
         hrp_phase=None,
         **kwargs,
     ):
+        name = kwargs.get("name")
+        if not settings.is_integer(units) or units < 1:  # Dense's wording, with the layer
+            settings.fail(
+                f"HRPDense '{name}'" if name else "HRPDense",
+                "`units` must be a positive integer", units=units,
+            )
+        units = int(units)
         if rank is None:
             super().__init__(units, lora_alpha=lora_alpha, **kwargs)
         else:
