@@ -121,3 +121,8 @@ def gpt2_causal_lm():
 
 def weights_by_path(model):
     return {v.path: numpy_of(v) for v in model.weights}
+
+
+def logits_loss():
+    """Classification loss for the tests' heads, which output logits."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -11,6 +11,7 @@ from keras_hrp import lora
 from tests.adapter_writer import probe_tokens
 from tests.adapter_writer import tiny_model
 from tests.helpers import BACKEND
+from tests.helpers import logits_loss
 from tests.helpers import numpy_of
 
 TARGETS = ["query", "value", "ffn", "embed"]
@@ -23,19 +24,33 @@ def _trained(tmp_path):
     model.save_weights(base)
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=TARGETS)
     x = np.random.default_rng(0).integers(0, 100, size=(64, 12)).astype("int32")
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.Adam(3e-3), logits_loss())
     model.fit(x, x[:, 0] % 3, batch_size=16, epochs=2, verbose=0,
               callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     return model, base
 
 
-def test_round_trip_into_a_fresh_model(tmp_path):
-    model, base = _trained(tmp_path)
-    path = os.path.join(tmp_path, "a.npz")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One switched model, its base weights and its adapter file, shared read-only."""
+    folder = tmp_path_factory.mktemp("trained")
+    model, base = _trained(folder)
+    path = os.path.join(folder, "adapters.npz")
     keras_hrp.save_adapters(model, path)
+    return {"model": model, "base": base, "file": path, "outputs": model.predict(probe_tokens(), verbose=0)}
+
+
+def _copy_of(source, target):
+    with open(source, "rb") as stream, open(target, "wb") as out:
+        out.write(stream.read())
+    return target
+
+
+def test_round_trip_into_a_fresh_model(trained):
+    model = trained["model"]
     fresh = tiny_model()
-    fresh.load_weights(base)
-    keras_hrp.load_adapters(fresh, path)
+    fresh.load_weights(trained["base"])
+    keras_hrp.load_adapters(fresh, trained["file"])
     tokens = probe_tokens()
     np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
     query = fresh.get_layer("mha").query_dense
@@ -58,10 +73,8 @@ def test_file_from_another_backend_gives_the_same_outputs(tmp_path, other):
     np.testing.assert_allclose(model.predict(probe_tokens(), verbose=0), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_mismatch_lists_everything_and_changes_nothing(tmp_path):
-    model, _ = _trained(tmp_path)
-    path = os.path.join(tmp_path, "a.npz")
-    keras_hrp.save_adapters(model, path)
+def test_mismatch_lists_everything_and_changes_nothing(trained):
+    path = trained["file"]
     other = tiny_model()
     other.get_layer("ffn").enable_lora(3)
     other.get_layer("head").enable_lora(1)
@@ -78,10 +91,8 @@ def test_mismatch_lists_everything_and_changes_nothing(tmp_path):
     assert not other.get_layer("mha").query_dense.lora_enabled
 
 
-def test_shape_mismatch(tmp_path):
-    model, _ = _trained(tmp_path)
-    path = os.path.join(tmp_path, "a.npz")
-    keras_hrp.save_adapters(model, path)
+def test_shape_mismatch(trained):
+    path = trained["file"]
     tokens = keras.Input((12,), dtype="int32")
     h = keras.layers.Embedding(100, 16, name="embed")(tokens)
     wrong = keras.Model(tokens, keras.layers.Dense(32, name="ffn")(h))
@@ -89,10 +100,9 @@ def test_shape_mismatch(tmp_path):
         keras_hrp.load_adapters(wrong, path)
 
 
-def test_revive_after_keras_load_model(tmp_path):
-    model, _ = _trained(tmp_path)
+def test_revive_after_keras_load_model(trained, tmp_path):
     path = os.path.join(tmp_path, "m.keras")
-    model.save(path)
+    trained["model"].save(path)
     loaded = keras.saving.load_model(path)
     layers = keras_hrp.adapters.lora_layers(loaded)
     assert all(not np.any(numpy_of(lora.lora_factors(l)[0])) for l in layers.values())  # Keras zeroes them
@@ -102,7 +112,7 @@ def test_revive_after_keras_load_model(tmp_path):
     assert sorted(revived) == sorted(layers)
     np.testing.assert_allclose(loaded.predict(tokens, verbose=0), before, rtol=1e-6)
     assert all(np.abs(numpy_of(lora.lora_factors(l)[0])).max() > 0 for l in layers.values())
-    loaded.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    loaded.compile(keras.optimizers.Adam(3e-3), logits_loss())
     loaded.fit(tokens, tokens[:, 0] % 3, verbose=0, epochs=2)
     assert np.abs(numpy_of(lora.lora_factors(layers["ffn"])[1])).max() > 0
 
@@ -115,22 +125,18 @@ def test_errors(tmp_path):
         keras_hrp.load_adapters(tiny_model(), os.path.join(tmp_path, "other.npz"))
 
 
-def test_same_path_for_save_and_load_and_no_extension_added(tmp_path):
-    model, base = _trained(tmp_path)
+def test_same_path_for_save_and_load_and_no_extension_added(trained, tmp_path):
     path = os.path.join(tmp_path, "adapters")  # no extension
-    keras_hrp.save_adapters(model, path)
-    assert os.listdir(tmp_path).count("adapters") == 1 and not os.path.exists(path + ".npz")
+    keras_hrp.save_adapters(trained["model"], path)
+    assert os.listdir(tmp_path) == ["adapters"]
     fresh = tiny_model()
-    fresh.load_weights(base)
+    fresh.load_weights(trained["base"])
     keras_hrp.load_adapters(fresh, path)
-    tokens = probe_tokens()
-    np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fresh.predict(probe_tokens(), verbose=0), trained["outputs"], rtol=1e-5, atol=1e-6)
 
 
-def test_an_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
-    model, _ = _trained(tmp_path)
-    path = os.path.join(tmp_path, "a.npz")
-    keras_hrp.save_adapters(model, path)
+def test_an_interrupted_save_leaves_the_old_file(trained, tmp_path, monkeypatch):
+    path = _copy_of(trained["file"], os.path.join(tmp_path, "a.npz"))
     before = open(path, "rb").read()
 
     def crash(*args, **kwargs):
@@ -138,16 +144,14 @@ def test_an_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", crash)
     with pytest.raises(KeyboardInterrupt):
-        keras_hrp.save_adapters(model, path)
+        keras_hrp.save_adapters(trained["model"], path)
     assert open(path, "rb").read() == before
-    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert os.listdir(tmp_path) == ["a.npz"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "missing", "newer"])
-def test_damaged_files_name_load_adapters_and_the_path(tmp_path, damage):
-    model, _ = _trained(tmp_path)
-    path = os.path.join(tmp_path, "a.npz")
-    keras_hrp.save_adapters(model, path)
+def test_damaged_files_name_load_adapters_and_the_path(trained, tmp_path, damage):
+    path = _copy_of(trained["file"], os.path.join(tmp_path, "a.npz"))
     data = open(path, "rb").read()
     if damage == "truncated":
         open(path, "wb").write(data[: len(data) // 2])
@@ -164,21 +168,17 @@ def test_damaged_files_name_load_adapters_and_the_path(tmp_path, damage):
         keras_hrp.load_adapters(tiny_model(), path)
 
 
-def test_load_into_a_preheating_model_adopts_the_rank_and_main_phase(tmp_path):
-    model, base = _trained(tmp_path)  # switched: rank 2
-    path = os.path.join(tmp_path, "a.npz")
-    keras_hrp.save_adapters(model, path)
+def test_load_into_a_preheating_model_adopts_the_rank_and_main_phase(trained):
     fresh = tiny_model()
-    fresh.load_weights(base)
+    fresh.load_weights(trained["base"])
     keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=6, target_layer_names=TARGETS)
-    fresh.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    keras_hrp.load_adapters(fresh, path)
-    trained = {layer.path: layer.hrp_state for layer in keras_hrp.hrp_layers(model)}
+    fresh.compile(keras.optimizers.Adam(3e-3), logits_loss())
+    keras_hrp.load_adapters(fresh, trained["file"])
+    states = {layer.path: layer.hrp_state for layer in keras_hrp.hrp_layers(trained["model"])}
     for layer in keras_hrp.hrp_layers(fresh):
-        assert layer.lora_rank == 2 and layer.hrp_state == trained[layer.path]
+        assert layer.lora_rank == 2 and layer.hrp_state == states[layer.path]
         assert layer.hrp_state.phase == "main"
-    tokens = probe_tokens()
-    np.testing.assert_allclose(fresh.predict(tokens, verbose=0), model.predict(tokens, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fresh.predict(probe_tokens(), verbose=0), trained["outputs"], rtol=1e-5, atol=1e-6)
     x = np.random.default_rng(0).integers(0, 100, size=(32, 12)).astype("int32")
     with pytest.warns(UserWarning, match="already in its main phase"):
         fresh.fit(x, x[:, 0] % 3, batch_size=16, epochs=1, verbose=0,

@@ -29,6 +29,8 @@ POINTS = (
     ("switch", 8, 9, ("hrp_first",)),
     ("main", 6, 14, ("backup_first",)),
 )
+# HRPDense models: before the switch and after it (the rank changes there).
+DENSE_POINTS = (("preheat", 6, 5, ("backup_first",)), ("main", 6, 14, ("hrp_first",)))
 
 
 def _in_new_process(specs, tmp_path):
@@ -75,16 +77,16 @@ def test_backup_and_restore_resumes_exactly_in_a_new_process(kind, tmp_path):
     base, frozen = _pretrained(kind, tmp_path)
     common = {"kind": kind, "base": base}
     pattern = os.path.join(tmp_path, "ckpt-{epoch}.weights.h5")
-    references = {
-        6: resume_worker.run({**common, "preheat": 6, "checkpoint": pattern}),
-        8: resume_worker.run({**common, "preheat": 8}),
-    }
+    hub = kind == "hub"
+    references = {6: resume_worker.run({**common, "preheat": 6, "checkpoint": pattern})}
+    if hub:
+        references[8] = resume_worker.run({**common, "preheat": 8})
     for reference in references.values():
         assert reference["switch_step"] is not None and not reference["fallbacks"]
         for path, value in frozen.items():
             np.testing.assert_array_equal(reference["weights"][path], value)
     specs, expected = [], []
-    for name, preheat, step, orders in POINTS:
+    for name, preheat, step, orders in POINTS if hub else DENSE_POINTS:
         for order in orders:
             spec = {
                 **common, "preheat": preheat, "order": order,
@@ -95,7 +97,7 @@ def test_backup_and_restore_resumes_exactly_in_a_new_process(kind, tmp_path):
             assert os.path.exists(os.path.join(spec["backup_dir"], "latest.weights.h5.hrp.npz"))
             specs.append(spec)
             expected.append(references[preheat])
-    for epoch in (1, 3):  # ModelCheckpoint + reload: saved in the preheat, after the switch
+    for epoch in (1, 3) if hub else ():  # ModelCheckpoint + reload: in the preheat, after the switch
         specs.append({
             **common, "preheat": 6, "load": pattern.format(epoch=epoch), "initial_epoch": epoch,
             "out": os.path.join(tmp_path, f"from-{epoch}.npz"),

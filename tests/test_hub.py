@@ -9,6 +9,7 @@ import keras_hrp
 from keras_hrp import internals
 from keras_hrp import lora
 from tests.helpers import JIT_MODES
+from tests.helpers import logits_loss
 from tests.helpers import numpy_of
 from tests.helpers import principal_angle_cos
 
@@ -65,7 +66,7 @@ def test_switch_on_einsum_and_embedding(jit_compile):
     model = _attention_model()
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "embed"])
     model.get_layer("head").trainable = True
-    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", jit_compile=jit_compile)
+    model.compile(keras.optimizers.Adam(2e-3), logits_loss(), jit_compile=jit_compile)
     before = model.predict(x, verbose=0)
     snapshot = keras_hrp.WeightSnapshot(model)
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
@@ -96,7 +97,7 @@ def test_callback_manages_enable_hrp_layers():
     x, y = _data()
     model = _attention_model()
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value"])
-    model.compile("adam", "sparse_categorical_crossentropy")
+    model.compile("adam", logits_loss())
     hrp = keras_hrp.HRPCallback(3, verbose=0)
     model.fit(x, y, batch_size=32, epochs=1, callbacks=[hrp], verbose=0)
     assert set(hrp.report) == {"mha/query", "mha/value"} and hrp.switch_step == 3
@@ -122,7 +123,7 @@ def _switched_attention_model():
     x, y = _data()
     model = _attention_model()
     keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "ffn"])
-    model.compile("adam", "sparse_categorical_crossentropy")
+    model.compile("adam", logits_loss())
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     model.get_layer("ffn").lora_kernel_b.assign(np.full((2, 32), 0.1, "float32"))
     return model, x
