@@ -113,18 +113,22 @@ def _read(path, owner):
 
 
 def _target_state(layer, entry, owner):
-    """The `HRPState` a layer takes from the file (`None`: plain LoRA)."""
+    """`(state, problem)`: the `HRPState` a layer takes from the file
+    (`None` for plain LoRA), or why it cannot."""
     where = f"{owner}, layer '{entry['path']}'"
     if entry["state"] is not None:
-        return HRPState.from_dict(entry["state"], where)
+        return HRPState.from_dict(entry["state"], where), None
     current = layer_state(layer)
     if current is None:
-        return None
+        return None, None
     rank = entry["rank"]
     if rank not in (current.rank, current.preheat_rank):
-        return f"file rank {rank} is neither the layer's main rank {current.rank} nor its preheat rank"
+        return None, (
+            f"file rank {rank} is neither the layer's main rank {current.rank} "
+            "nor its preheat rank"
+        )
     phase = "main" if rank == current.rank else "preheat"
-    return HRPState(**{**current.to_dict(), "phase": phase})
+    return HRPState(**{**current.to_dict(), "phase": phase}), None
 
 
 def _mismatches(model, items, owner):
@@ -137,9 +141,9 @@ def _mismatches(model, items, owner):
         if layer is None or not hasattr(layer, "enable_lora"):
             problems.append(f"{layer_path}: no such LoRA-capable layer in the model")
             continue
-        state = _target_state(layer, entry, owner)
-        if isinstance(state, str):
-            problems.append(f"{layer_path}: {state}")
+        state, problem = _target_state(layer, entry, owner)
+        if problem:
+            problems.append(f"{layer_path}: {problem}")
             continue
         if layer.lora_enabled and layer.lora_rank != rank and layer_state(layer) is None:
             problems.append(

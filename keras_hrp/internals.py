@@ -150,12 +150,6 @@ def wrap_method(owner, name, make_wrapper):
     object.__setattr__(owner, name, wrapper)
 
 
-def unwrapped(owner, name):
-    """The method under a keras-hrp wrapper (the stock one)."""
-    method = getattr(owner, name)
-    return getattr(method, "__wrapped__", method) if getattr(method, "_keras_hrp_wrapped", False) else method
-
-
 def sibling_callbacks(callback):
     """The other callbacks of the `fit` that is calling `callback.set_model`.
 
