@@ -9,12 +9,22 @@ from keras_hrp import checkpoints
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
+from keras_hrp import unmerged
 from keras_hrp.state import HRPState
 from keras_hrp.state import hrp_layers
 
 # The layers KerasHub's `Backbone.enable_lora` targets by default.
 DEFAULT_TARGETS = ("query_dense", "value_dense", "query", "value", "query_proj", "value_proj")
 SUPPORTED = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+# Every linear layer of a transformer block, by KerasHub layer name.
+LINEAR_LAYER_NAMES = {
+    "bert": ("query", "key", "value", "attention_output",
+             "feedforward_intermediate_dense", "feedforward_output_dense"),
+    "gemma": ("query", "key", "value", "attention_output",
+              "ffw_gating", "ffw_gating_2", "ffw_linear"),
+    "llama": ("query", "key", "value", "attention_output", "feedforward_intermediate_dense",
+              "feedforward_gate_dense", "feedforward_output_dense"),
+}
 OWNER = "enable_hrp"
 
 
@@ -51,7 +61,12 @@ def _targets(model, scope, target_layer_names):
 
 
 def _preheat_rank_for(layer, rank, preheat_rank):
+    """The layer's preheat rank (`None`: plain LoRA), capped at its useful rank."""
     limit = lora.max_useful_rank(layer)
+    if preheat_rank is None:
+        if rank > limit:
+            settings.fail(OWNER, f"layer '{layer.path}' has LoRA rank at most {limit}", rank=rank)
+        return None
     if rank >= limit:
         settings.fail(
             OWNER,
@@ -93,7 +108,7 @@ def _refuse_in_preheat(backbone, name):
 def enable_hrp(
     model,
     rank,
-    preheat_rank,
+    preheat_rank=None,
     target_layer_names=None,
     lora_alpha=None,
     variant="classic",
@@ -104,7 +119,13 @@ def enable_hrp(
     KerasHub `Task`, its backbone; the task's head keeps training), then
     makes every target layer trainable and gives it a LoRA adapter at
     `preheat_rank`. `HRPCallback` (or `switch_to_main`) then switches these
-    layers to `rank` exactly as it switches `HRPDense` layers.
+    layers to `rank` exactly as it switches `HRPDense` layers. With
+    `preheat_rank=None` the layers get plain rank-`rank` LoRA (phase
+    `"main"`, no preheat).
+
+    The adapters are computed unmerged, `x @ W + s (x @ A) @ B` (see
+    `keras_hrp.unmerged`): no gradient or temporary the size of `W`, the
+    same outputs as Keras' merged kernel.
 
     Supported layers: `Dense`, `EinsumDense` (multi-axis kernels: the
     adapter adapts the kernel as a `(prod(shape[:-1]), shape[-1])` matrix,
@@ -115,7 +136,8 @@ def enable_hrp(
     Args:
         model: a built Keras model, e.g. a KerasHub `Backbone` or `Task`.
         rank: the LoRA rank of the main phase.
-        preheat_rank: the rank of the preheating adapters (`> rank`).
+        preheat_rank: the rank of the preheating adapters (`> rank`), or
+            `None` for plain LoRA at `rank`.
         target_layer_names: layer names or regular expressions matched
             (whole) against layer paths. Defaults to the attention query and
             value projections KerasHub's `enable_lora` targets.
@@ -137,8 +159,6 @@ def enable_hrp(
     rank, preheat_rank, variant, lora_alpha = settings.check_hrp_settings(
         OWNER, rank, preheat_rank, variant, lora_alpha
     )
-    if preheat_rank is None:
-        settings.fail(OWNER, "`preheat_rank` is required", preheat_rank=preheat_rank)
     if not model.built:
         settings.fail(OWNER, f"model '{model.name}' must be built first", built=False)
     if hrp_layers(model):
@@ -160,10 +180,14 @@ def enable_hrp(
         layer.trainable = False
     for layer, layer_rank in zip(targets, ranks):
         layer.trainable = True
-        lora.enable_adapter(layer, layer_rank, scale, trainable_a=variant != "asymmetric")
         layer.hrp_state = HRPState(
-            rank=rank, preheat_rank=layer_rank, variant=variant, phase="preheat", scale=scale
+            rank=rank, preheat_rank=layer_rank, variant=variant,
+            phase="main" if layer_rank is None else "preheat", scale=scale,
         )
+        lora.enable_adapter(
+            layer, layer.hrp_state.current_rank, scale, trainable_a=variant != "asymmetric"
+        )
+        unmerged.use_unmerged(layer)
     checkpoints.attach(model)
     if hasattr(scope, "save_lora_weights"):  # a KerasHub backbone
         internals.set_keras_hub_lora_index(scope, targets, rank)

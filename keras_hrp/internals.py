@@ -139,7 +139,9 @@ def wrap_method(owner, name, make_wrapper):
       BackupAndRestore and ModelCheckpoint call): keras-hrp's state file is
       written and read beside Keras' own;
     - a KerasHub backbone's `save_lora_weights` / `load_lora_weights`: their
-      file holds one rank, so they refuse while layers preheat.
+      file holds one rank, so they refuse while layers preheat;
+    - an adapted layer's `call`: Keras' float LoRA path multiplies by the
+      merged kernel; keras-hrp computes the adapter unmerged.
     Only this instance changes; wrapping twice is a no-op.
     """
     original = getattr(owner, name)

@@ -143,3 +143,34 @@ def test_keras_hub_lora_files_refused_while_preheating(tmp_path):
     keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=6)
     with pytest.raises(ValueError, match="load_lora_weights of .*still preheating"):
         fresh.backbone.load_lora_weights(path)
+
+
+@pytest.mark.parametrize(
+    "make,family", [(bert_classifier, "bert"), (gemma_causal_lm, "gemma"), (llama_causal_lm, "llama")],
+    ids=["bert", "gemma", "llama"],
+)
+def test_every_linear_layer_unmerged_equals_stock_merged_lora(make, family):
+    names = keras_hrp.hub.LINEAR_LAYER_NAMES[family]
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    task, x, y, loss = make()
+    layers = keras_hrp.enable_hrp(task, rank=2, target_layer_names=list(names))  # plain LoRA
+    assert {layer.name for layer in layers} == set(names) and len(layers) == 2 * len(names)
+    assert all(layer.hrp_state.phase == "main" and layer.lora_rank == 2 for layer in layers)
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        b = lora.lora_factors(layer)[1]
+        b.assign(rng.normal(size=b.shape).astype("float32") * 0.1)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    stock, *_ = make()  # the same weights, Keras' own (merged) LoRA
+    stock_layers = {layer.path: layer for layer in internals.all_layers(stock)}
+    for layer in layers:
+        twin = stock_layers[layer.path]
+        twin.enable_lora(2, lora_alpha=layer.lora_alpha)
+        for mine, theirs in zip(lora.lora_factors(layer), lora.lora_factors(twin)):
+            theirs.assign(numpy_of(mine))  # a copy: JAX may donate a shared buffer
+    np.testing.assert_allclose(task.predict(x, verbose=0), stock.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    history = keras.Model.fit(task, x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

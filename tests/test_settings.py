@@ -117,12 +117,12 @@ TARGETS = st.sampled_from([None, "query", ["query", "value"], "que(", ["value", 
 
 
 @PROPERTY
-@given(rank=ANYTHING, preheat_rank=ANYTHING, lora_alpha=OPTIONAL, variant=VARIANT, targets=TARGETS)
+@given(rank=ANYTHING, preheat_rank=OPTIONAL, lora_alpha=OPTIONAL, variant=VARIANT, targets=TARGETS)
 def test_enable_hrp_arguments(rank, preheat_rank, lora_alpha, variant, targets):
+    plain = preheat_rank is None  # plain LoRA: rank up to the layer's 16
     checks = _rank_checks(rank, preheat_rank, lora_alpha, variant) + [
-        ("preheat_rank", preheat_rank, preheat_rank is not None),
         ("target_layer_names", targets, targets in (None, "query", ["query", "value"])),
-        ("rank", rank, not _integral(rank) or rank < 16),
+        ("rank", rank, not _integral(rank) or rank < 16 or (plain and rank == 16)),
     ]
     model = _tiny()
     layers = _expect(
@@ -134,7 +134,9 @@ def test_enable_hrp_arguments(rank, preheat_rank, lora_alpha, variant, targets):
     )
     if layers is not None:
         assert all(layer.hrp_state.rank == int(rank) for layer in layers)
-        assert all(layer.lora_rank == min(int(preheat_rank), 16) for layer in layers)
+        expected = int(rank) if plain else min(int(preheat_rank), 16)
+        assert all(layer.lora_rank == expected for layer in layers)
+        assert all(layer.hrp_state.phase == ("main" if plain else "preheat") for layer in layers)
 
 
 @PROPERTY

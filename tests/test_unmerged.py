@@ -1,0 +1,136 @@
+"""The unmerged adapter path equals Keras' merged one, per layer type and backend."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_hrp import internals
+from keras_hrp import lora
+from keras_hrp import unmerged
+from tests.helpers import JIT_MODES
+from tests.helpers import numpy_of
+
+EQUATIONS = [
+    # (equation, input shape, output shape without batch)
+    ("ab,bc->ac", (12,), (10,)),
+    ("abc,cde->abde", (5, 12), (5, 3, 4)),  # attention query/key/value
+    ("abcd,cde->abe", (5, 3, 4), (5, 12)),  # attention output
+    ("btd,df->btf", (5, 12), (5, 10)),  # Gemma / Llama MLP
+    ("...b,bc->...c", (5, 12), (10,)),
+]
+
+
+def _random_adapter(layer, rank=3, alpha=6.0, seed=0):
+    layer.enable_lora(rank, lora_alpha=alpha)
+    rng = np.random.default_rng(seed)
+    for variable in lora.lora_factors(layer):
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+
+
+def _inputs(shape, seed=1):
+    return np.random.default_rng(seed).normal(size=(4, *shape)).astype("float32")
+
+
+def _merged(layer, x):
+    return numpy_of(type(layer).call(layer, x))  # Keras' own call: the merged kernel
+
+
+@pytest.mark.parametrize("equation,in_shape,out_shape", EQUATIONS)
+def test_einsum_dense_matches_the_merged_kernel(equation, in_shape, out_shape):
+    layer = keras.layers.EinsumDense(equation, out_shape, bias_axes=equation.split("->")[1][-1])
+    layer.build((None, *in_shape))
+    _random_adapter(layer)
+    x = _inputs(in_shape)
+    expected = _merged(layer, x)
+    assert unmerged.use_unmerged(layer)
+    np.testing.assert_allclose(numpy_of(layer(x)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_and_embedding_match_the_merged_weights():
+    dense = keras.layers.Dense(10, activation="gelu")
+    dense.build((None, 5, 12))
+    embedding = keras.layers.Embedding(50, 8)
+    embedding.build((None, 7))
+    for layer in (dense, embedding):
+        _random_adapter(layer)
+    x = _inputs((5, 12))
+    tokens = np.random.default_rng(2).integers(0, 50, size=(4, 7)).astype("int32")
+    expected = _merged(dense, x), _merged(embedding, tokens)
+    assert unmerged.use_unmerged(dense) and unmerged.use_unmerged(embedding)
+    np.testing.assert_allclose(numpy_of(dense(x)), expected[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(numpy_of(embedding(tokens)), expected[1], rtol=1e-5, atol=1e-4)
+
+
+def test_layers_without_an_unmerged_path_keep_keras_call():
+    assert unmerged.lora_equations("abc,dc->abd") is None  # the kernel's last axis is contracted
+    layer = keras.layers.EinsumDense("abc,dc->abd", (5, 6))
+    layer.build((None, 5, 4))
+    assert not unmerged.use_unmerged(layer)
+    reversible = keras.layers.ReversibleEmbedding(50, 8)
+    reversible.build((None, 7))
+    assert not unmerged.use_unmerged(reversible)
+
+
+def test_equations():
+    assert unmerged.lora_equations("abc,cde->abde") == ("abc,cdf->abdf", "abdf,fe->abde")
+    assert unmerged.lora_equations("...b,bc->...c") == ("...b,ba->...a", "...a,ac->...c")
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(40, 12, name="embed")(tokens)
+    h = keras.layers.EinsumDense("abc,cde->abde", (6, 2, 6), name="heads")(h)
+    h = keras.layers.Reshape((6, 12))(h)
+    h = keras.layers.Dense(12, activation="relu", name="ffn")(h)
+    outputs = keras.layers.Dense(1, name="head")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(tokens, outputs)
+    for name in ("embed", "heads", "ffn"):
+        model.get_layer(name).enable_lora(3)
+        model.get_layer(name).trainable = True
+    model.get_layer("heads").lora_kernel_b.assign(np.full((3, 6), 0.05, "float32"))
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_training_is_the_same_as_with_merged_kernels(jit_compile):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 40, size=(64, 6)).astype("int32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    results = []
+    for unmerge in (False, True):
+        model = _model()
+        if unmerge:
+            assert all(unmerged.use_unmerged(model.get_layer(n)) for n in ("embed", "heads", "ffn"))
+        model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)  # no Adam: it amplifies rounding
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((history.history["loss"], [numpy_of(v) for v in model.trainable_variables]))
+    initial = [numpy_of(v) for v in _model().trainable_variables]
+    assert all(not np.allclose(a, b) for a, b in zip(initial, results[1][1]))  # all trained
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
+    for merged, unmerged_value in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(unmerged_value, merged, rtol=1e-3, atol=1e-5)
+
+
+def _reference(layer, x):
+    """`x` times `W + s A @ B` in float32 numpy (Keras' own merged path breaks on
+    torch for reduced-precision EinsumDense)."""
+    a, b = (numpy_of(v).astype("float32") for v in lora.lora_factors(layer))
+    w = numpy_of(internals.base_weight(layer)).astype("float32")
+    merged = w + (layer.lora_alpha / layer.lora_rank) * (a.reshape(-1, b.shape[0]) @ b).reshape(w.shape)
+    equation = getattr(layer, "equation", "...b,bc->...c")
+    return np.einsum(equation, x, merged) + numpy_of(layer.bias).astype("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+def test_reduced_precision_matches_the_merged_weights(policy):
+    dense = keras.layers.Dense(10, dtype=policy)
+    dense.build((None, 12))
+    einsum = keras.layers.EinsumDense("abc,cde->abde", (5, 3, 4), bias_axes="e", dtype=policy)
+    einsum.build((None, 5, 12))
+    for layer, x in ((dense, _inputs((12,))), (einsum, _inputs((5, 12)))):
+        _random_adapter(layer, alpha=0.3)
+        assert unmerged.use_unmerged(layer)
+        got = numpy_of(layer(x))
+        assert str(got.dtype) == layer.compute_dtype
+        np.testing.assert_allclose(got.astype("float32"), _reference(layer, x), rtol=3e-2, atol=5e-2)
