@@ -44,6 +44,7 @@ bench: $(STAMP)
 	for backend in tensorflow jax torch; do \
 	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_core.py --quick || exit 1; \
 	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_speed.py --quick || exit 1; \
+	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_switch.py --quick || exit 1; \
 	done
 	KERAS_BACKEND=jax $(BIN)/python benchmarks/bench_quality.py --quick --ablation
 	$(BIN)/python benchmarks/bench_peft.py --quick   # creates benchmarks/.venv-peft once

@@ -10,7 +10,7 @@ noisy). Writes `benchmarks/results/core_<backend>.md`.
 import argparse
 import os
 import platform
-import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,14 +21,16 @@ from keras import ops  # noqa: E402
 
 import keras_hrp  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def _timed(fn):
-    start = time.perf_counter()
+def _synced(fn):
+    """`fn` run to completion: its (first) output brought to the host."""
     out = fn()
     ops.convert_to_numpy(out[0] if isinstance(out, (tuple, list)) else out)
-    return time.perf_counter() - start
 
 
 def bench_svd(sizes, rank, repeats):
@@ -39,12 +41,10 @@ def bench_svd(sizes, rank, repeats):
         b = ops.convert_to_tensor(rng.normal(size=(rank, n)).astype("float32"))
         ours = lambda: keras_hrp.svd_of_product(a, b, rank)  # noqa: E731
         dense = lambda: ops.svd(ops.matmul(a, b), full_matrices=False)  # noqa: E731
-        _timed(ours), _timed(dense)  # warm up (compiles, allocations)
-        t_ours, t_dense = [], []
-        for _ in range(repeats):
-            t_ours.append(_timed(ours))
-            t_dense.append(_timed(dense))
-        m_ours, m_dense = statistics.median(t_ours), statistics.median(t_dense)
+        _synced(ours), _synced(dense)  # warm up (compiles, allocations)
+        runs = {"ours": lambda: _synced(ours), "dense": lambda: _synced(dense)}
+        times = timing.medians(timing.interleaved(runs, repeats))
+        m_ours, m_dense = times["ours"], times["dense"]
         rows.append((f"{n}x{n}, R={rank}", m_dense, m_ours, m_dense / m_ours))
         print(f"svd {n}: dense {m_dense:.4f}s ours {m_ours:.5f}s x{m_dense / m_ours:.1f}", flush=True)
     return rows
@@ -89,12 +89,7 @@ def bench_step(width, depth, rank, preheat_rank, repeats, steps):
 
     for model in models.values():
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # compile
-    times = {name: [] for name in models}
-    order = list(models.items())
-    for i in range(repeats):  # alternate the order
-        for name, model in order if i % 2 == 0 else order[::-1]:
-            times[name].append(_timed(epoch(model)) / steps)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = timing.medians(timing.interleaved({k: epoch(m) for k, m in models.items()}, repeats), steps)
     print("step:", {k: f"{v * 1e3:.2f} ms" for k, v in medians.items()}, flush=True)
     return medians
 

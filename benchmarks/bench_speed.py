@@ -1,61 +1,143 @@
-"""Speed and memory on MiniLM: HRP after the switch vs stock Keras LoRA.
+"""Training speed and memory: keras-hrp's LoRA path vs stock Keras LoRA.
 
-On the recipe's all-MiniLM-L6-v2 classifier (LoRA rank 8 on q/v):
-- step time of an `enable_hrp` model after its switch / a stock
-  `backbone.enable_lora(8)` model, interleaved epochs, medians; a second
-  stock instance shows the machine's noise;
-- the switch's wall time as a share of a whole HRP run, and the extra time
-  of the first epoch after it (the train step is recompiled);
-- memory: training-state bytes (trainable variables, optimizer slots, the
-  roll-back snapshot) in the preheat and in the main phase, and each run's
-  peak resident memory measured in its own process.
+Each setting compares, at the same rank and targets, stock Keras LoRA
+(`backbone.enable_lora`), a second stock instance (the noise floor) and
+keras-hrp's LoRA (`enable_hrp(..., preheat_rank=None)`: the unmerged path an
+HRP model also trains on after its switch):
 
-    KERAS_BACKEND=jax python benchmarks/bench_speed.py [--quick]
+- `minilm:qv`: the recipe's all-MiniLM-L6-v2 classifier, rank 8 on q/v;
+- `minilm:all`: the same, rank 8 on every linear layer of every block;
+- `gemma:all`: a Gemma-shaped decoder built from config (hidden 1024,
+  4 blocks, 8 query heads / 1 key-value head of 128, MLP 4096, sequence
+  512), every linear layer.
+
+Step time: epochs interleaved in one process, medians. Memory: each model
+trains in its own process; the peak resident memory of its training steps
+above the model at rest (after its first, compiling step), and the run's
+whole peak. For `minilm:qv` also one whole HRP run (preheat, switch, main
+phase) against a stock run: the switch's share and the first step after it.
+
+    KERAS_BACKEND=jax python benchmarks/bench_speed.py [--quick] [--settings minilm:all ...]
 """
 
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
 
 import finetune_minilm as recipe  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 
 import keras_hrp  # noqa: E402
 from keras_hrp.state import run_state  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = os.path.join(HERE, "results")
+# PEFT module names of the same targets (suffix matches; "output.dense" is both
+# the attention output and the MLP output, "dense" alone would add the pooler).
+PEFT_TARGETS = {"qv": ["query", "value"], "all": ["query", "key", "value", "output.dense", "intermediate.dense"]}
+SETTINGS = ("minilm:qv", "minilm:all", "gemma:all")
+KINDS = ("stock", "stock, 2nd instance", "keras-hrp")
+GEMMA = dict(num_layers=4, num_query_heads=8, num_key_value_heads=1, hidden_dim=1024,
+             intermediate_dim=8192, head_dim=128)  # KerasHub's Gemma MLP is intermediate_dim / 2 wide
 
 
-def _data(args, n):
-    preset = recipe.default_preset()
-    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
-    words = "a fine film with a dull plot and some great acting that never quite works".split()
+def _targets(setting):
+    family, targets = setting.split(":")
+    names = {"minilm": "bert"}.get(family, family)
+    return None if targets == "qv" else list(keras_hrp.hub.LINEAR_LAYER_NAMES[names])
+
+
+def data(setting, args, n):
+    """`(x, y)` of `n` examples for `setting`'s model."""
     rng = np.random.default_rng(0)
+    if setting.startswith("gemma"):
+        ids = rng.integers(1, args.vocab, size=(n, args.gemma_seq_len + 1)).astype("int32")
+        x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1], dtype=bool)}
+        return x, ids[:, 1:]
+    texts, labels = _texts(n)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
+        recipe.default_preset(), sequence_length=args.seq_len)
+    return {k: np.asarray(v) for k, v in preprocessor(texts).items()}, labels
+
+
+def _texts(n):
+    rng = np.random.default_rng(0)
+    words = "a fine film with a dull plot and some great acting that never quite works".split()
     texts = [" ".join(rng.choice(words, size=rng.integers(8, 30))) for _ in range(n)]
-    x = {k: np.asarray(v) for k, v in preprocessor(texts).items()}
-    return preset, x, rng.integers(0, 2, size=n).astype("int32")
+    return texts, rng.integers(0, 2, size=n).astype("int32")
 
 
-def _task(preset, args, hrp):
-    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
-    if hrp:
-        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank)
+def peft_step(setting, args):
+    """PEFT's median step (ms) on the same MiniLM setting, in the PEFT benchmark's venv."""
+    import bench_peft
+
+    python = bench_peft.ensure_venv(bench_peft.VENV)
+    texts, labels = _texts(args.batch_size)
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    job = {"model_dir": recipe.default_preset(), "texts": texts, "labels": labels.tolist(),
+           "seq_len": args.seq_len, "threads": threads,
+           "speed": {"rank": args.rank, "targets": PEFT_TARGETS[setting.split(":")[1]],
+                     "repeats": 2 + args.repeats * args.steps_per_epoch}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        out = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), f.name], capture_output=True,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.remove(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"the PEFT worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def model(setting, kind, args):
+    """A compiled task for `setting` with LoRA of `kind` ('stock', 'keras-hrp' or 'hrp')."""
+    if setting.startswith("gemma"):
+        backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
+        task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     else:
-        task.backbone.enable_lora(args.rank)
+        task = keras_hub.models.TextClassifier.from_preset(recipe.default_preset(), num_classes=2,
+                                                           preprocessor=None)
+    targets = _targets(setting)
+    if kind.startswith("stock"):
+        task.backbone.enable_lora(args.rank, target_layer_names=targets)
+    else:
+        preheat_rank = args.preheat_rank if kind == "hrp" else None
+        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=preheat_rank, target_layer_names=targets)
     task.compile(optimizer=keras.optimizers.Adam(1e-4),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return task
+
+
+def _batch_size(setting, args):
+    return args.gemma_batch_size if setting.startswith("gemma") else args.batch_size
+
+
+def bench_steps(setting, args):
+    """Median seconds per step of each kind, epochs interleaved."""
+    batch, steps = _batch_size(setting, args), args.steps_per_epoch
+    x, y = data(setting, args, batch * steps)
+    models = {kind: model(setting, kind, args) for kind in KINDS}
+
+    def epoch(task):
+        return lambda: keras.Model.fit(task, x, y, batch_size=batch, epochs=1, verbose=0)
+
+    for task in models.values():
+        epoch(task)()  # compile
+    repeats = args.gemma_repeats if setting.startswith("gemma") else args.repeats
+    medians = timing.medians(timing.interleaved({k: epoch(m) for k, m in models.items()}, repeats), steps)
+    print(setting, {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()}, flush=True)
+    return medians
 
 
 def _nbytes(variables):
@@ -67,143 +149,174 @@ def _state_bytes(task, snapshot=None):
     return state + (snapshot.nbytes if snapshot is not None else 0)
 
 
-def bench_steps(args):
-    """Median seconds per step of each model, epochs interleaved."""
-    batch = args.batch_size
-    preset, x, y = _data(args, batch * args.steps_per_epoch)
-    models = {"stock": _task(preset, args, False), "stock, 2nd instance": _task(preset, args, False),
-              "HRP after the switch": _task(preset, args, True)}
-    hrp = models["HRP after the switch"]
-    keras.Model.fit(hrp, x, y, batch_size=batch, epochs=1, verbose=0,
-                    callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
-    for model in models.values():
-        keras.Model.fit(model, x, y, batch_size=batch, epochs=1, verbose=0)  # compile
-    times = {name: [] for name in models}
-    order = list(models.items())
-    for i in range(args.repeats):
-        for name, model in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            keras.Model.fit(model, x, y, batch_size=batch, epochs=1, verbose=0)
-            times[name].append((time.perf_counter() - start) / args.steps_per_epoch)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    print("step:", {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()}, flush=True)
-    return medians
-
-
 class _Recorder(keras.callbacks.Callback):
-    """Batch-end times, and the training state's bytes after the first step."""
+    """Batch-end times; after the first step the training state's bytes and a fresh memory peak."""
 
-    def __init__(self, hrp=None):
+    def __init__(self, hrp):
         super().__init__()
         self.hrp, self.batch_ends, self.first_state = hrp, [], None
+        self.rest_mib = self.first_peak_mib = None
 
     def on_train_batch_end(self, batch, logs=None):
         self.batch_ends.append(time.perf_counter())
         if self.first_state is None:
-            snapshot = run_state(self.model).snapshot if self.hrp is not None else None
+            snapshot = run_state(self.model).snapshot if self.hrp else None
             self.first_state = _state_bytes(self.model, snapshot)
+            self.rest_mib, self.first_peak_mib = timing.rss_mib(), timing.peak_rss_mib()
+            timing.reset_peak()
 
 
-def one_run(args, hrp):
-    """A whole run in this process: seconds, switch, memory (JSON on stdout)."""
-    preset, x, y = _data(args, args.batch_size * args.run_steps)
-    task = _task(preset, args, hrp)
-    callback = keras_hrp.HRPCallback(args.preheat_steps, verbose=0) if hrp else None
-    recorder = _Recorder(callback)
+def one_run(args):
+    """One model training `args.run_steps` steps in this process (JSON on stdout)."""
+    setting, kind = args.one_run
+    batch = _batch_size(setting, args)
+    x, y = data(setting, args, batch * args.run_steps)
+    task = model(setting, kind, args)
+    callback = keras_hrp.HRPCallback(args.preheat_steps, verbose=0) if kind == "hrp" else None
+    recorder = _Recorder(kind == "hrp")
     start = time.perf_counter()
-    keras.Model.fit(task, x, y, batch_size=args.batch_size, epochs=1, verbose=0,
-                    callbacks=[callback, recorder] if hrp else [recorder])
+    keras.Model.fit(task, x, y, batch_size=batch, epochs=1, verbose=0,
+                    callbacks=[c for c in (callback, recorder) if c is not None])
     total = time.perf_counter() - start
     steps = np.diff([start] + recorder.batch_ends)
-    out = {"seconds": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"seconds": total, "rest_mib": recorder.rest_mib, "step_peak_mib": timing.peak_rss_mib(),
+           "run_peak_mib": max(recorder.first_peak_mib, timing.peak_rss_mib()),
            "first_state_bytes": recorder.first_state, "final_state_bytes": _state_bytes(task),
-           "median_step": float(np.median(steps)), "steps_ms": [float(t) * 1e3 for t in steps]}
-    if hrp:
+           "median_step": float(np.median(steps[1:])), "steps_ms": [float(t) * 1e3 for t in steps]}
+    if callback is not None:
         at = args.preheat_steps  # steps[at] is the first step after the switch
         out.update(switch_seconds=callback.report.seconds, first_main_step=float(steps[at]))
     print(json.dumps(out))
 
 
-def _subprocess_run(args, hrp):
-    command = [sys.executable, os.path.abspath(__file__), "--one-run", "hrp" if hrp else "stock",
-               "--run-steps", str(args.run_steps), "--preheat-steps", str(args.preheat_steps),
-               "--rank", str(args.rank), "--preheat-rank", str(args.preheat_rank),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+def _subprocess_run(args, setting, kind, steps):
+    command = [sys.executable, os.path.abspath(__file__), "--one-run", setting, kind, "--run-steps", str(steps)]
+    for name in ("rank", "preheat_rank", "preheat_steps", "batch_size", "seq_len", "gemma_batch_size",
+                 "gemma_seq_len", "vocab", "dtype"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{setting} {kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preheat-rank", type=int, default=32)
     parser.add_argument("--preheat-steps", type=int, default=20)
-    parser.add_argument("--run-steps", type=int, default=200, help="steps of the whole runs")
-    parser.add_argument("--steps-per-epoch", type=int, default=10)
+    parser.add_argument("--run-steps", type=int, default=200, help="steps of the whole minilm:qv runs")
+    parser.add_argument("--memory-steps", type=int, default=4, help="steps of each memory run")
+    parser.add_argument("--steps-per-epoch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--gemma-repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--one-run", choices=["stock", "hrp"], help=argparse.SUPPRESS)
+    parser.add_argument("--gemma-batch-size", type=int, default=1)
+    parser.add_argument("--gemma-seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=4096, help="the Gemma-shaped model's vocabulary")
+    parser.add_argument("--dtype", default="float32", help="the Gemma-shaped model's dtype policy")
+    parser.add_argument("--no-peft", dest="peft", action="store_false",
+                        help="skip the PEFT rows (they need benchmarks/.venv-peft, created when missing)")
+    parser.add_argument("--one-run", nargs=2, metavar=("SETTING", "KIND"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.run_steps, args.preheat_steps, args.steps_per_epoch, args.repeats = 12, 4, 4, 3
+        args.run_steps, args.preheat_steps, args.repeats, args.gemma_repeats = 12, 4, 3, 3
+        args.steps_per_epoch, args.memory_steps, args.gemma_seq_len = 2, 3, 128
     return args
 
 
 def main(argv=None):
     args = parse(argv)
     if args.one_run:
-        one_run(args, args.one_run == "hrp")
+        one_run(args)
         return 0
     backend = keras.backend.backend()
-    steps = bench_steps(args)
-    runs = {name: _subprocess_run(args, name == "hrp") for name in ("stock", "hrp")}
-    hrp, stock = runs["hrp"], runs["stock"]
-    mib = 1 / 2**20
-    lines = [
-        f"# Speed and memory on MiniLM, backend `{backend}`{' (quick)' if args.quick else ''}",
-        "",
-        f"`KERAS_BACKEND={backend} python benchmarks/bench_speed.py{' --quick' if args.quick else ''}`; "
-        f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')} (JAX on CPU ignores it), keras {keras.__version__}. "
-        f"all-MiniLM-L6-v2 classifier, LoRA rank {args.rank} on q/v, batch {args.batch_size}, "
-        f"sequence length {args.seq_len}; HRP preheats at rank {args.preheat_rank}.",
-        "",
-        f"## Training step ({args.repeats} interleaved epochs of {args.steps_per_epoch} steps, medians)",
-        "",
-        "| model | median step (ms) | ratio to stock |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {t * 1e3:.1f} | {t / steps['stock']:.3f} |" for name, t in steps.items()]
-    lines += [
-        "",
-        f"## One whole run each, {args.run_steps} steps (HRP: {args.preheat_steps} preheat), own process",
-        "",
-        "| run | wall s | switch s (share) | first step after the switch (s) | median step (ms) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|",
-        f"| stock LoRA | {stock['seconds']:.1f} | – | – | {stock['median_step'] * 1e3:.1f} | {stock['peak_rss_mb']:.0f} |",
-        f"| HRP | {hrp['seconds']:.1f} | {hrp['switch_seconds']:.2f} "
-        f"({hrp['switch_seconds'] / hrp['seconds']:.1%}) | {hrp['first_main_step']:.2f} | "
-        f"{hrp['median_step'] * 1e3:.1f} | {hrp['peak_rss_mb']:.0f} |",
-        "",
-        "Training state (trainable variables + Adam slots + HRP's roll-back snapshot), MiB: "
-        f"HRP preheat {hrp['first_state_bytes'] * mib:.2f}, HRP main {hrp['final_state_bytes'] * mib:.2f}, "
-        f"stock LoRA {stock['final_state_bytes'] * mib:.2f}. The frozen backbone (the same in every "
-        "run) is in the peak RSS only.",
-        "",
-    ]
-    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for setting in args.settings:
+        steps = bench_steps(setting, args)
+        memory = {kind: _subprocess_run(args, setting, kind, args.memory_steps) for kind in ("stock", "keras-hrp")}
+        results[setting] = {"steps": steps, "memory": memory}
+        if args.peft and setting.startswith("minilm"):
+            results[setting]["peft"] = peft_step(setting, args)
+    if "minilm:qv" in args.settings:
+        results["whole runs"] = {kind: _subprocess_run(args, "minilm:qv", kind, args.run_steps)
+                                 for kind in ("stock", "hrp")}
     path = os.path.join(args.out, f"speed_{backend}{'_quick' if args.quick else ''}")
-    lines += [f"![step times]({os.path.basename(path)}.png)", ""]
-    with open(f"{path}.md", "w") as f:
-        f.write("\n".join(lines))
+    os.makedirs(args.out, exist_ok=True)
     with open(f"{path}.json", "w") as f:
-        json.dump({"interleaved_step_s": steps, "runs": runs}, f)
-    plot(args, backend, runs, f"{path}.png")
+        json.dump(results, f)
+    lines = write_markdown(args, backend, results, f"{path}.md")
+    if "whole runs" in results:
+        plot(args, backend, results["whole runs"], f"{path}.png")
     print("\n".join(lines))
     return 0
+
+
+def write_markdown(args, backend, results, path):
+    quick = " --quick" if args.quick else ""
+    lines = [
+        f"# Training speed and memory, backend `{backend}`{quick}",
+        "",
+        f"`KERAS_BACKEND={backend} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python benchmarks/bench_speed.py{quick}`; "
+        f"{timing.machine(backend, keras.__version__)}.",
+        f"LoRA rank {args.rank}, Adam. MiniLM: batch {args.batch_size}, sequence {args.seq_len}. "
+        f"Gemma-shaped: {GEMMA}, vocabulary {args.vocab}, {args.dtype}, batch {args.gemma_batch_size}, "
+        f"sequence {args.gemma_seq_len}. keras-hrp = `enable_hrp(..., preheat_rank=None)` (the "
+        "unmerged path; an HRP model trains on it after its switch).",
+        "",
+        f"## Step time ({args.steps_per_epoch}-step epochs interleaved, {args.repeats} repeats, "
+        f"Gemma {args.gemma_repeats}; medians) and memory (own process, {args.memory_steps} steps)",
+        "",
+        "| setting | stock (ms) | stock, 2nd instance / stock | keras-hrp (ms) | keras-hrp / stock | "
+        "PEFT (ms) / stock | step peak above rest, stock → keras-hrp (MiB) | run peak, stock → keras-hrp (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting in args.settings:
+        steps, memory = results[setting]["steps"], results[setting]["memory"]
+        stock, ours = memory["stock"], memory["keras-hrp"]
+        peft = results[setting].get("peft")
+        peft = f"{peft['step_ms']:.1f} / {peft['step_ms'] / 1e3 / steps['stock']:.3f}" if peft else "–"
+        lines.append(
+            f"| {setting} | {steps['stock'] * 1e3:.1f} | {steps['stock, 2nd instance'] / steps['stock']:.3f} | "
+            f"{steps['keras-hrp'] * 1e3:.1f} | **{steps['keras-hrp'] / steps['stock']:.3f}** | {peft} | "
+            f"{stock['step_peak_mib'] - stock['rest_mib']:.0f} → {ours['step_peak_mib'] - ours['rest_mib']:.0f} | "
+            f"{stock['run_peak_mib']:.0f} → {ours['run_peak_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "PEFT: transformers + PEFT LoRA at the same rank on the same modules (torch, in "
+        "`benchmarks/.venv-peft`, its own process right after this setting's Keras runs, "
+        "same thread count), timed over as many steps.",
+    ]
+    if "whole runs" in results:
+        stock, hrp = results["whole runs"]["stock"], results["whole runs"]["hrp"]
+        mib = 1 / 2**20
+        lines += [
+            "",
+            f"## One whole run each on minilm:qv, {args.run_steps} steps (HRP: rank {args.preheat_rank}, "
+            f"{args.preheat_steps} preheat steps), own process",
+            "",
+            "| run | wall s | switch s (share) | first step after the switch (s) | median step (ms) | run peak (MiB) |",
+            "|---|---|---|---|---|---|",
+            f"| stock LoRA | {stock['seconds']:.1f} | – | – | {stock['median_step'] * 1e3:.1f} | {stock['run_peak_mib']:.0f} |",
+            f"| HRP | {hrp['seconds']:.1f} | {hrp['switch_seconds']:.2f} "
+            f"({hrp['switch_seconds'] / hrp['seconds']:.1%}) | {hrp['first_main_step']:.2f} | "
+            f"{hrp['median_step'] * 1e3:.1f} | {hrp['run_peak_mib']:.0f} |",
+            "",
+            "Training state (trainable variables + Adam slots + HRP's roll-back snapshot), MiB: "
+            f"HRP preheat {hrp['first_state_bytes'] * mib:.2f}, HRP main {hrp['final_state_bytes'] * mib:.2f}, "
+            f"stock LoRA {stock['final_state_bytes'] * mib:.2f}.",
+            "",
+            f"![step times]({os.path.basename(path)[:-3]}.png)",
+        ]
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return lines
 
 
 def plot(args, backend, runs, path):
@@ -220,7 +333,7 @@ def plot(args, backend, runs, path):
     time_ax.set_yscale("log")
     time_ax.set_xlabel("step")
     time_ax.set_ylabel("wall time per step (ms, log)")
-    time_ax.set_title(f"one whole run each, {backend}")
+    time_ax.set_title(f"one whole run each, minilm:qv, {backend}")
     time_ax.legend()
     mib = 1 / 2**20
     bars = {"HRP preheat": runs["hrp"]["first_state_bytes"], "HRP main": runs["hrp"]["final_state_bytes"],

@@ -1,8 +1,9 @@
-"""The PEFT side of bench_peft.py; runs inside benchmarks/.venv-peft.
+"""The PEFT side of bench_peft.py and bench_speed.py; runs inside benchmarks/.venv-peft.
 
 Imports torch, transformers and peft only (no Keras). Reads a job file
 (model directory, the split texts and labels, the runs to do) and prints one
-JSON line per finished run.
+JSON line per finished run; a job with `"speed"` times PEFT LoRA training
+steps instead.
 
     benchmarks/.venv-peft/bin/python benchmarks/peft_worker.py JOB.json
 """
@@ -100,10 +101,36 @@ def train(run, job, data):
             "threads": torch.get_num_threads()}
 
 
+def speed(job):
+    """Median milliseconds per PEFT LoRA training step on `job["texts"]`."""
+    spec = job["speed"]
+    model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=2)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=spec["rank"], lora_alpha=spec["rank"],
+                                             target_modules=spec["targets"]))
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    x = encode(tokenizer, job["texts"], job["seq_len"])
+    y = torch.as_tensor(job["labels"])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {"step_ms": 1e3 * float(np.median(times[2:])), "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
 def main(path):
     with open(path) as f:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
+    if "speed" in job:
+        print(json.dumps(speed(job)), flush=True)
+        return
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     data = tuple(
         (encode(tokenizer, part["texts"], job["seq_len"]), torch.as_tensor(part["labels"]))

@@ -17,7 +17,7 @@ from keras_hrp import files
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
-from keras_hrp import unmerged
+from keras_hrp import fast_lora
 from keras_hrp.state import HRPState
 from keras_hrp.state import layer_state
 from keras_hrp.switch import rebuild_training_state
@@ -203,7 +203,7 @@ def load_adapters(model, path):
             rank = entry["rank"]
             if not layer.lora_enabled:
                 layer.enable_lora(rank, lora_alpha=entry["lora_alpha"])
-                unmerged.use_unmerged(layer)
+                fast_lora.use_fast_lora(layer)
                 resized.append(layer)
             elif layer.lora_rank != rank:
                 lora.resize(layer, rank)

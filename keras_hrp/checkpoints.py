@@ -29,7 +29,7 @@ from keras_hrp import files
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
-from keras_hrp import unmerged
+from keras_hrp import fast_lora
 from keras_hrp.layers import HRPDense
 from keras_hrp.state import HRPState
 from keras_hrp.state import hrp_layers
@@ -312,7 +312,7 @@ def _prepare(model, header, entries):
                     trainable_a=state.variant != "asymmetric",
                 )
                 layer.hrp_state = state
-                unmerged.use_unmerged(layer)
+                fast_lora.use_fast_lora(layer)
                 guard(layer)
             elif layer.lora_rank != state.current_rank:
                 lora.resize(layer, state.current_rank)

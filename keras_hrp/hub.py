@@ -9,7 +9,7 @@ from keras_hrp import checkpoints
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
-from keras_hrp import unmerged
+from keras_hrp import fast_lora
 from keras_hrp.state import HRPState
 from keras_hrp.state import hrp_layers
 
@@ -123,9 +123,9 @@ def enable_hrp(
     `preheat_rank=None` the layers get plain rank-`rank` LoRA (phase
     `"main"`, no preheat).
 
-    The adapters are computed unmerged, `x @ W + s (x @ A) @ B` (see
-    `keras_hrp.unmerged`): no gradient or temporary the size of `W`, the
-    same outputs as Keras' merged kernel.
+    The adapters' gradients come from their factors (see
+    `keras_hrp.fast_lora`): no gradient the size of `W`, the same outputs
+    and gradients as Keras' merged kernel.
 
     Supported layers: `Dense`, `EinsumDense` (multi-axis kernels: the
     adapter adapts the kernel as a `(prod(shape[:-1]), shape[-1])` matrix,
@@ -187,7 +187,7 @@ def enable_hrp(
         lora.enable_adapter(
             layer, layer.hrp_state.current_rank, scale, trainable_a=variant != "asymmetric"
         )
-        unmerged.use_unmerged(layer)
+        fast_lora.use_fast_lora(layer)
     checkpoints.attach(model)
     if hasattr(scope, "save_lora_weights"):  # a KerasHub backbone
         internals.set_keras_hub_lora_index(scope, targets, rank)

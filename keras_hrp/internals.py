@@ -117,6 +117,25 @@ def drop_compiled_functions(model):
             owner.predict_function = None
 
 
+def replace_compiled_optimizer(model, old, new):
+    """Points the `compile()` arguments Keras keeps at `new` instead of `old`.
+
+    Keras keeps the optimizer passed to `compile()` in `_compile_config` (for
+    `get_compile_config`, which saving uses); left there, a replaced
+    optimizer stays alive with its slots and, through them, the variables it
+    was built for. Calling `compile()` again would rebuild losses and metrics
+    in the middle of `fit`.
+    """
+    config = getattr(getattr(model, "_compile_config", None), "config", None)
+    if config is None:
+        return
+    kept = config.get("optimizer")
+    if kept is old:
+        config["optimizer"] = new
+    elif kept is not None and kept is getattr(old, "inner_optimizer", None):  # mixed precision
+        config["optimizer"] = new.inner_optimizer
+
+
 def set_keras_hub_lora_index(backbone, targets, rank):
     """Tells a KerasHub backbone which layers carry LoRA, at which rank.
 
@@ -141,7 +160,7 @@ def wrap_method(owner, name, make_wrapper):
     - a KerasHub backbone's `save_lora_weights` / `load_lora_weights`: their
       file holds one rank, so they refuse while layers preheat;
     - an adapted layer's `call`: Keras' float LoRA path multiplies by the
-      merged kernel; keras-hrp computes the adapter unmerged.
+      merged kernel; keras-hrp never forms the merged kernel's gradient.
     Only this instance changes; wrapping twice is a no-op.
     """
     original = getattr(owner, name)

@@ -12,7 +12,8 @@ import pytest
 from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py"]
+SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
+           "bench_switch.py"]
 
 
 def _load(name):
@@ -114,9 +115,39 @@ def test_quality_quick_real_run(tmp_path):
 def test_speed_quick_run_reports_both_phases(tmp_path):
     speed = _load("bench_speed")
     args = speed.parse(["--quick", "--out", str(tmp_path)])
-    hrp = speed._subprocess_run(args, hrp=True)
-    stock = speed._subprocess_run(args, hrp=False)
+    hrp = speed._subprocess_run(args, "minilm:qv", "hrp", args.run_steps)
+    stock = speed._subprocess_run(args, "minilm:qv", "stock", args.run_steps)
     assert 0 < hrp["switch_seconds"] < hrp["seconds"]
     # Preheat: rank-32 adapters, their Adam slots and the roll-back snapshot.
     assert hrp["first_state_bytes"] > 2 * hrp["final_state_bytes"]
     assert hrp["final_state_bytes"] == stock["final_state_bytes"]  # same model after the switch
+    for run in (hrp, stock):
+        assert 0 < run["rest_mib"] <= run["run_peak_mib"] and run["step_peak_mib"] <= run["run_peak_mib"]
+
+
+def test_interleaved_timing_alternates_the_order():
+    timing = _load("timing")
+    calls = []
+    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert timing.medians({"a": [3.0, 1.0, 2.0]}, per=2) == {"a": 1.0}
+
+
+def test_peak_memory_reset_sees_a_new_allocation():
+    timing = _load("timing")
+    timing.reset_peak()
+    before = timing.peak_rss_mib()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert timing.peak_rss_mib() - before > 50
+    del block
+    timing.reset_peak()
+    assert timing.peak_rss_mib() < before + 50
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the same switch on every backend; once per CI")
+def test_switch_benchmark_quick(tmp_path):
+    switch = _load("bench_switch")
+    assert switch.main(["--quick", "--out", str(tmp_path)]) == 0
+    text = open(os.path.join(tmp_path, "switch_torch_quick.md")).read()
+    assert "16 matrices 1024 x 1024, R=64 -> r=8" in text

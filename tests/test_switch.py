@@ -1,5 +1,7 @@
+import gc
 import os
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -200,6 +202,28 @@ def test_fresh_optimizer_keeps_type_and_hyperparameters():
     assert not [v for v in fresh.variables if 12 in tuple(v.shape)]
     history = model.fit(x, y, epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize("setup", ["plain", "loss_scale", "mixed_float16"])
+def test_switch_releases_the_old_optimizer_and_adapters(setup):
+    x, y = regression_data(n=64)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if setup == "mixed_float16" else policy)
+    try:
+        model = hrp_mlp()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    optimizer = keras.optimizers.Adam(0.01)
+    model.compile(keras.optimizers.LossScaleOptimizer(optimizer) if setup == "loss_scale" else optimizer, "mse")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    old = [weakref.ref(model.optimizer), *(weakref.ref(v) for v in lora.lora_factors(model.get_layer("hrp_1")))]
+    del optimizer
+    keras_hrp.switch_to_main(model)
+    gc.collect()
+    # Keras' saved compile() arguments held the old optimizer, its slots and the rank-R adapters.
+    assert [ref() for ref in old] == [None, None, None]
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)

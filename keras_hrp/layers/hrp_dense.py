@@ -10,7 +10,7 @@ import numpy as np
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
-from keras_hrp import unmerged
+from keras_hrp import fast_lora
 from keras_hrp.state import HRPState
 
 
@@ -150,7 +150,7 @@ class HRPDense(keras.layers.Dense):
     def call(self, inputs, training=None):
         if self.hrp_state is None or not self.lora_enabled:
             return super().call(inputs, training=training)
-        return unmerged.dense_call(self, inputs)  # no gradient the size of the kernel
+        return fast_lora.dense_call(self, inputs)  # no gradient the size of the kernel
 
     @contextlib.contextmanager
     def _without_lora(self):

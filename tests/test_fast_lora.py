@@ -1,4 +1,4 @@
-"""The unmerged adapter path equals Keras' merged one, per layer type and backend."""
+"""keras-hrp's LoRA passes equal Keras' merged ones, per layer type, form and backend."""
 
 import keras
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from keras_hrp import internals
 from keras_hrp import lora
-from keras_hrp import unmerged
+from keras_hrp import fast_lora
 from tests.helpers import JIT_MODES
 from tests.helpers import numpy_of
 
@@ -42,7 +42,7 @@ def test_einsum_dense_matches_the_merged_kernel(equation, in_shape, out_shape):
     _random_adapter(layer)
     x = _inputs(in_shape)
     expected = _merged(layer, x)
-    assert unmerged.use_unmerged(layer)
+    assert fast_lora.use_fast_lora(layer)
     np.testing.assert_allclose(numpy_of(layer(x)), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -56,24 +56,24 @@ def test_dense_and_embedding_match_the_merged_weights():
     x = _inputs((5, 12))
     tokens = np.random.default_rng(2).integers(0, 50, size=(4, 7)).astype("int32")
     expected = _merged(dense, x), _merged(embedding, tokens)
-    assert unmerged.use_unmerged(dense) and unmerged.use_unmerged(embedding)
+    assert fast_lora.use_fast_lora(dense) and fast_lora.use_fast_lora(embedding)
     np.testing.assert_allclose(numpy_of(dense(x)), expected[0], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(numpy_of(embedding(tokens)), expected[1], rtol=1e-5, atol=1e-4)
 
 
-def test_layers_without_an_unmerged_path_keep_keras_call():
-    assert unmerged.lora_equations("abc,dc->abd") is None  # the kernel's last axis is contracted
+def test_layers_without_a_fast_path_keep_keras_call():
+    assert fast_lora.lora_equations("abc,dc->abd") is None  # the kernel's last axis is contracted
     layer = keras.layers.EinsumDense("abc,dc->abd", (5, 6))
     layer.build((None, 5, 4))
-    assert not unmerged.use_unmerged(layer)
+    assert not fast_lora.use_fast_lora(layer)
     reversible = keras.layers.ReversibleEmbedding(50, 8)
     reversible.build((None, 7))
-    assert not unmerged.use_unmerged(reversible)
+    assert not fast_lora.use_fast_lora(reversible)
 
 
 def test_equations():
-    assert unmerged.lora_equations("abc,cde->abde") == ("abc,cdf->abdf", "abdf,fe->abde")
-    assert unmerged.lora_equations("...b,bc->...c") == ("...b,ba->...a", "...a,ac->...c")
+    assert fast_lora.lora_equations("abc,cde->abde") == ("abc,cdf->abdf", "abdf,fe->abde")
+    assert fast_lora.lora_equations("...b,bc->...c") == ("...b,ba->...a", "...a,ac->...c")
 
 
 def _model(seed=0):
@@ -101,15 +101,74 @@ def test_training_is_the_same_as_with_merged_kernels(jit_compile):
     for unmerge in (False, True):
         model = _model()
         if unmerge:
-            assert all(unmerged.use_unmerged(model.get_layer(n)) for n in ("embed", "heads", "ffn"))
+            assert all(fast_lora.use_fast_lora(model.get_layer(n)) for n in ("embed", "heads", "ffn"))
         model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)  # no Adam: it amplifies rounding
         history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         results.append((history.history["loss"], [numpy_of(v) for v in model.trainable_variables]))
     initial = [numpy_of(v) for v in _model().trainable_variables]
     assert all(not np.allclose(a, b) for a, b in zip(initial, results[1][1]))  # all trained
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
-    for merged, unmerged_value in zip(results[0][1], results[1][1]):
-        np.testing.assert_allclose(unmerged_value, merged, rtol=1e-3, atol=1e-5)
+    for merged, fast in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(fast, merged, rtol=1e-3, atol=1e-5)
+
+
+def _adapted(equation, in_shape, out_shape):
+    """`(model, layer)`: a trainable Dense (so the layer's input gradient
+    matters) before a frozen layer with a LoRA adapter."""
+    if equation == "dense":
+        layer = keras.layers.Dense(out_shape[-1], activation="gelu")
+    else:
+        layer = keras.layers.EinsumDense(equation, out_shape, bias_axes=equation.split("->")[1][-1])
+    inputs = keras.Input(in_shape)
+    model = keras.Model(inputs, layer(keras.layers.Dense(in_shape[-1], name="before")(inputs)))
+    _random_adapter(layer, alpha=1.5)
+    return model, layer
+
+
+FORMS = [("dense", (5, 12), (5, 10)), *EQUATIONS[1:4]]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+@pytest.mark.parametrize("batch", [1, 16], ids=["few-tokens-unmerged", "many-tokens-merged"])
+@pytest.mark.parametrize("equation,in_shape,out_shape", FORMS)
+def test_both_forms_train_like_keras_merged_lora(equation, in_shape, out_shape, batch, jit_compile):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, *in_shape)).astype("float32")
+    y = rng.normal(size=(32, *out_shape)).astype("float32")
+    results = []
+    for fast in (False, True):
+        keras.utils.set_random_seed(0)
+        model, layer = _adapted(equation, in_shape, out_shape)
+        if fast:
+            assert fast_lora.use_fast_lora(layer)
+        model.compile(keras.optimizers.SGD(0.02), "mse", jit_compile=jit_compile)
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        results.append([numpy_of(v) for v in model.trainable_variables] + [numpy_of(model(x))])
+    kernel = internals.base_weight(layer)
+    axes = getattr(layer, "equation", "ab,bc->ac").split("->")[0].split(",")
+    contracted = [c in axes[0] for c in axes[1]]
+    assert fast_lora.prefers_merged(layer, (batch, *in_shape), kernel.shape, contracted) == (batch == 16)
+    assert not kernel.trainable and len(results[0]) == 6  # before: 2, layer: bias, A, B; output
+    for stock, ours in zip(*results):
+        np.testing.assert_allclose(ours, stock, rtol=2e-4, atol=2e-5)
+
+
+def test_a_trainable_base_weight_keeps_its_gradient():
+    layer = keras.layers.Dense(10)
+    layer.build((None, 12))
+    _random_adapter(layer)
+    assert fast_lora.prefers_merged(layer, (4096, 12), (12, 10), (True, False))
+    assert not fast_lora.prefers_merged(layer, (None, 12), (12, 10), (True, False))  # a symbolic batch
+    internals.base_weight(layer).trainable = True  # the merged form would give it no gradient
+    assert not fast_lora.prefers_merged(layer, (4096, 12), (12, 10), (True, False))
+
+
+def test_gradient_equations():
+    assert fast_lora.gradient_equations("abc,cde->abde") == {
+        "merge": "cdf,fe->cde", "dx": "abde,cde->abc", "g": "abde,fe->abdf",
+        "da": "abc,abdf->cdf", "low": "abc,cdf->abdf", "db": "abdf,abde->fe"}
+    assert fast_lora.gradient_equations("...b,bc->...c") is None  # ellipses: the unmerged form
+    assert fast_lora.gradient_equations("abc,dc->abd") is None  # no adapter equations
 
 
 def _reference(layer, x):
@@ -130,7 +189,7 @@ def test_reduced_precision_matches_the_merged_weights(policy):
     einsum.build((None, 5, 12))
     for layer, x in ((dense, _inputs((12,))), (einsum, _inputs((5, 12)))):
         _random_adapter(layer, alpha=0.3)
-        assert unmerged.use_unmerged(layer)
+        assert fast_lora.use_fast_lora(layer)
         got = numpy_of(layer(x))
         assert str(got.dtype) == layer.compute_dtype
         np.testing.assert_allclose(got.astype("float32"), _reference(layer, x), rtol=3e-2, atol=5e-2)
