@@ -77,6 +77,16 @@ def build(run, job, x, y, order):
     return model, init_steps
 
 
+def timed_step(model, optimizer, x, y):
+    """One optimizer step: `(seconds, loss)`."""
+    start = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start, float(loss)
+
+
 def train(run, job, data):
     torch.manual_seed(run["seed"])
     (x, y), val, test = data
@@ -89,13 +99,9 @@ def train(run, job, data):
     model.train()
     times, losses = [], []
     for xb, yb in batches(x, y, order[init_steps * job["batch_size"] :], job["batch_size"]):
-        start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(**xb).logits, yb)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        seconds, loss = timed_step(model, optimizer, xb, yb)
+        times.append(seconds)
+        losses.append(loss)
     return {"val": accuracy(model, *val), "test": accuracy(model, *test), "params": params,
             "step_ms": 1e3 * float(np.median(times[2:] or times)), "curve": losses,
             "threads": torch.get_num_threads()}
@@ -112,14 +118,7 @@ def speed(job):
     y = torch.as_tensor(job["labels"])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
+    times = [timed_step(model, optimizer, x, y)[0] for _ in range(spec["repeats"])]
     return {"step_ms": 1e3 * float(np.median(times[2:])), "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 

@@ -13,7 +13,7 @@ from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
-           "bench_switch.py"]
+           "bench_switch.py", "bench_layers.py"]
 
 
 def _load(name):
@@ -151,3 +151,13 @@ def test_switch_benchmark_quick(tmp_path):
     assert switch.main(["--quick", "--out", str(tmp_path)]) == 0
     text = open(os.path.join(tmp_path, "switch_torch_quick.md")).read()
     assert "16 matrices 1024 x 1024, R=64 -> r=8" in text
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the same layers on every backend; once per CI")
+def test_layers_benchmark_quick_reports_each_form(tmp_path):
+    layers = _load("bench_layers")
+    assert layers.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = [line.split(" | ") for line in open(os.path.join(tmp_path, "layers_torch_cpu_float32_quick.md"))
+            if line.startswith("| MiniLM")]
+    assert [row[0] for row in rows] == ["| MiniLM q (per head)", "| MiniLM MLP in"]
+    assert all(row[-1] == "merged |\n" and float(row[3].strip("*")) > 0 for row in rows)
