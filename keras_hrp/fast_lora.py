@@ -19,6 +19,7 @@ Outputs and gradients equal Keras' merged LoRA to float rounding. Quantized
 layers keep Keras' quantized call (already unmerged).
 """
 
+import functools
 import math
 import string
 
@@ -52,6 +53,7 @@ def lora_equations(equation):
     return f"{inputs},{kernel[:-1]}{free}->{low}", f"{low},{free}{last}->{output}"
 
 
+@functools.cache  # read on every call of a layer (eagerly on torch)
 def gradient_equations(equation):
     """The einsums of the merged form's factored gradient, or `None`.
 
