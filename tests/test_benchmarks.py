@@ -13,7 +13,7 @@ from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
-           "bench_switch.py", "bench_layers.py"]
+           "bench_switch.py", "bench_layers.py", "bench_floor.py"]
 
 
 def _load(name):
