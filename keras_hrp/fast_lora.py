@@ -11,9 +11,13 @@ layer's shapes, chosen when the call is traced:
 - unmerged, `x @ W + s (x @ A) @ B`: nothing the size of `W` is formed;
   best when a batch holds few tokens for the weight's size;
 - merged, `x @ K` with `K` formed for the pass (and again for the input's
-  gradient, under a custom gradient): best when the tokens outnumber
-  `2 m n / (m + n)` for an `m x n` weight, where the unmerged form's extra
-  passes over the activations cost more than forming `K`.
+  gradient): best when the tokens outnumber `2 m n / (m + n)` for an
+  `m x n` weight, where the unmerged form's extra passes over the
+  activations cost more than forming `K`.
+
+Both run under one custom gradient, which also fixes how the factors'
+gradients contract the tokens (see `_factor_b_gradient`). A base weight
+that trains keeps autodiff (the custom gradient gives it none).
 
 Outputs and gradients equal Keras' merged LoRA to float rounding. Quantized
 layers keep Keras' quantized call (already unmerged).
@@ -55,12 +59,14 @@ def lora_equations(equation):
 
 @functools.cache  # read on every call of a layer (eagerly on torch)
 def gradient_equations(equation):
-    """The einsums of the merged form's factored gradient, or `None`.
+    """The einsums of an adapted einsum's factored passes, or `None`.
 
-    Keys: `merge` (`A, B -> K`), `dx` (`dy, K -> dx`), `g` (`dy, B -> dy B^T`),
-    `da` (`x, g -> dA`), `low` (`x, A -> x A`), `db` (`x A, dy -> dB`). `None`
-    where an einsum cannot express one (ellipses, an input axis summed
-    away, no adapter equations).
+    Keys: `forward` (the equation), `low` (`x, A -> x A`), `up` (`x A, B ->
+    delta`), `merge` (`A, B -> K`), `dx` (`dy, K -> dx`), `dx_low`
+    (`dy B^T, A -> dx`), `g` (`dy, B -> dy B^T`), `da` (`x, g -> dA`),
+    `db` (`x A, dy -> dB`); `db_flat`: whether `B`'s axis is the output's
+    last. `None` where an einsum cannot express one (ellipses, an input axis
+    summed away, no adapter equations).
 
     Example:
 
@@ -77,9 +83,11 @@ def gradient_equations(equation):
     low_eq, up_eq = lows
     low = low_eq.split("->")[1]
     r, e = up_eq.split(",")[1][:2]
-    return {"merge": f"{kernel[:-1]}{r},{r}{e}->{kernel}", "dx": f"{output},{kernel}->{inputs}",
+    return {"forward": equation, "low": low_eq, "up": up_eq, "merge": f"{kernel[:-1]}{r},{r}{e}->{kernel}",
+            "dx": f"{output},{kernel}->{inputs}", "dx_low": f"{low},{kernel[:-1]}{r}->{inputs}",
             "g": f"{output},{r}{e}->{low}", "da": f"{inputs},{low}->{kernel[:-1]}{r}",
-            "low": low_eq, "db": f"{low},{output}->{r}{e}"}
+            "db": f"{low},{output}->{r}{e}", "db_flat": output[-1] == e,
+            "da_flat": inputs.endswith(kernel[:-1]) and low == inputs[: -len(kernel) + 1] + r}
 
 
 def prefers_merged(layer, input_shape, kernel_shape, contracted):
@@ -88,37 +96,74 @@ def prefers_merged(layer, input_shape, kernel_shape, contracted):
     The weight is a `rows x columns` matrix, `rows` its axes the input
     contracts (`contracted`: one flag per kernel axis); the input holds
     `size / rows` tokens. Unknown dimensions (a symbolic batch) choose the
-    unmerged form, which forms nothing the size of the weight; so does a
-    base weight that trains (the merged form gives it no gradient).
+    unmerged form, which forms nothing the size of the weight.
     """
-    if internals.base_weight(layer).trainable or any(d is None for d in input_shape):
+    if any(d is None for d in input_shape):
         return False
     rows = math.prod(d for d, flag in zip(kernel_shape, contracted) if flag)
     columns = math.prod(kernel_shape) // rows
     return math.prod(input_shape) // rows >= 2 * rows * columns / (rows + columns)
 
 
-def merged_with_factored_gradient(equations, scale):
-    """`f(x, w, a, b) = einsum(x, w + scale * a b)` whose gradient never forms
-    `dK`: `w` gets none, `a` and `b` theirs from the factors."""
+def lora_with_factored_gradient(equations, scale, merged):
+    """`f(x, w, a, b) = einsum(x, w + scale * a b)`, computed merged or
+    unmerged, whose gradient never forms `dK`: `w` gets none, `a` and `b`
+    theirs from the factors: `dA = s x^T (dy B^T)`, `dB = s (x A)^T dy`,
+    and `dx` from `K` (merged) or `dy W^T + s (dy B^T) A^T` (unmerged).
+    """
 
     @ops.custom_gradient
     def forward(x, w, a, b):
-        def merged():
+        def kernel():
             return ops.add(w, ops.multiply(ops.einsum(equations["merge"], a, b), scale))
+
+        low = None if merged else ops.einsum(equations["low"], x, a)
 
         def grad(*args, upstream=None):
             dy = args[0] if upstream is None else upstream  # torch passes `upstream`
-            dx = ops.einsum(equations["dx"], dy, merged())
             g = ops.einsum(equations["g"], dy, b)
-            da = ops.multiply(ops.einsum(equations["da"], x, g), scale)
-            low = ops.einsum(equations["low"], x, a)
-            db = ops.multiply(ops.einsum(equations["db"], low, dy), scale)
+            if merged:
+                dx = ops.einsum(equations["dx"], dy, kernel())
+            else:
+                dx_low = ops.multiply(ops.einsum(equations["dx_low"], g, a), scale)
+                dx = ops.add(ops.einsum(equations["dx"], dy, w), dx_low)
+            da = ops.multiply(_factor_a_gradient(equations, x, g, a.shape), scale)
+            x_a = ops.einsum(equations["low"], x, a) if low is None else low
+            db = ops.multiply(_factor_b_gradient(equations, x_a, dy), scale)
             return dx, None, da, db
 
-        return ops.einsum(equations["forward"], x, merged()), grad
+        if merged:
+            return ops.einsum(equations["forward"], x, kernel()), grad
+        delta = ops.multiply(ops.einsum(equations["up"], low, b), scale)
+        return ops.add(ops.einsum(equations["forward"], x, w), delta), grad
 
     return forward
+
+
+def _factor_a_gradient(equations, x, g, a_shape):
+    """`x^T (dy B^T)`, summed over every token axis; as one 2-D product, the
+    small operand transposed, where `A`'s rows are the input's last axes
+    (Dense, MLPs, attention outputs; see `_factor_b_gradient`)."""
+    if not equations["da_flat"]:
+        return ops.einsum(equations["da"], x, g)
+    rows = math.prod(a_shape[:-1])
+    g = ops.reshape(g, (-1, g.shape[-1]))
+    da_t = ops.matmul(ops.transpose(g), ops.reshape(x, (-1, rows)))
+    return ops.reshape(ops.transpose(da_t), a_shape)
+
+
+def _factor_b_gradient(equations, x_a, dy):
+    """`(x A)^T dy`, summed over every token axis.
+
+    As one 2-D product when `B`'s axis is the output's last (every KerasHub
+    projection): given the einsum, XLA on CPU may lay `dy` out transposed and
+    fuse that transpose into the op that produced `dy`, a strided pass that
+    cost more than the layer's matmuls in a Gemma MLP.
+    """
+    if not equations["db_flat"]:
+        return ops.einsum(equations["db"], x_a, dy)
+    x_a = ops.reshape(x_a, (-1, x_a.shape[-1]))
+    return ops.matmul(ops.transpose(x_a), ops.reshape(dy, (-1, dy.shape[-1])))
 
 
 def _operands(layer, dtype):
@@ -140,35 +185,41 @@ def _finish(layer, x):
     return x
 
 
-DENSE = "ab,bc->ac"
-DENSE_GRADIENTS = {**gradient_equations(DENSE), "forward": DENSE}
+def adapted_einsum(layer, inputs, equation):
+    """`einsum(equation, inputs, W + s A @ B)` of `layer`, the adapter's
+    gradients from its factors, without bias or activation."""
+    w, a, b = _operands(layer, inputs.dtype)
+    gradients = gradient_equations(equation)
+    if gradients is None or internals.base_weight(layer).trainable:  # autodiff: the base weight's gradient too
+        low_eq, up_eq = lora_equations(equation)
+        delta = ops.multiply(ops.einsum(up_eq, ops.einsum(low_eq, inputs, a), b), _scale(layer))
+        return ops.add(ops.einsum(equation, inputs, w), delta)
+    input_axes, kernel_axes = equation.split("->")[0].split(",")
+    contracted = [c in input_axes for c in kernel_axes]
+    merged = prefers_merged(layer, tuple(inputs.shape), w.shape, contracted)
+    return lora_with_factored_gradient(gradients, _scale(layer), merged)(inputs, w, a, b)
+
+
+def dense_equation(ndim):
+    """`Dense`'s product as an einsum for inputs of rank `ndim`.
+
+    >>> dense_equation(3)
+    'abc,cd->abd'
+    """
+    batch = string.ascii_lowercase[: ndim - 1]
+    inner, out = string.ascii_lowercase[ndim - 1 : ndim + 1]
+    return f"{batch}{inner},{inner}{out}->{batch}{out}"
 
 
 def dense_call(layer, inputs):
     """`Dense.call`, the adapter's gradients from its factors."""
-    w, a, b = _operands(layer, inputs.dtype)
-    rows, columns = w.shape
-    if prefers_merged(layer, tuple(inputs.shape), w.shape, (True, False)):
-        flat = ops.reshape(inputs, (-1, rows))
-        y = merged_with_factored_gradient(DENSE_GRADIENTS, _scale(layer))(flat, w, a, b)
-        return _finish(layer, ops.reshape(y, tuple(inputs.shape[:-1]) + (columns,)))
-    delta = ops.multiply(ops.matmul(ops.matmul(inputs, a), b), _scale(layer))
-    return _finish(layer, ops.add(ops.matmul(inputs, w), delta))
+    return _finish(layer, adapted_einsum(layer, inputs, dense_equation(len(inputs.shape))))
 
 
-def einsum_dense_call(layer, inputs, equations):
-    """`EinsumDense.call`, the adapter's gradients from its factors
-    (`equations` from `lora_equations`)."""
-    w, a, b = _operands(layer, inputs.dtype)
-    gradients = gradient_equations(layer.equation)
-    input_axes, kernel_axes = layer.equation.split("->")[0].split(",")
-    contracted = [c in input_axes for c in kernel_axes]
-    if gradients is not None and prefers_merged(layer, tuple(inputs.shape), w.shape, contracted):
-        op = merged_with_factored_gradient({**gradients, "forward": layer.equation}, _scale(layer))
-        return _finish(layer, op(inputs, w, a, b))
-    low = ops.einsum(equations[0], inputs, a)
-    delta = ops.multiply(ops.einsum(equations[1], low, b), _scale(layer))
-    return _finish(layer, ops.add(ops.einsum(layer.equation, inputs, w), delta))
+def einsum_dense_call(layer, inputs):
+    """`EinsumDense.call`, the adapter's gradients from its factors (its
+    kernel's last axis must be an output axis: see `lora_equations`)."""
+    return _finish(layer, adapted_einsum(layer, inputs, layer.equation))
 
 
 def embedding_call(layer, inputs):
@@ -186,10 +237,9 @@ def _call_for(layer):
     if type(layer) is keras.layers.Embedding:  # subclasses (ReversibleEmbedding) differ
         return lambda inputs: embedding_call(layer, inputs)
     if isinstance(layer, keras.layers.EinsumDense):
-        equations = lora_equations(layer.equation)
-        if equations is None:
+        if lora_equations(layer.equation) is None:
             return None
-        return lambda inputs: einsum_dense_call(layer, inputs, equations)
+        return lambda inputs: einsum_dense_call(layer, inputs)
     if isinstance(layer, keras.layers.Dense):
         return lambda inputs: dense_call(layer, inputs)
     return None
