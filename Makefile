@@ -26,13 +26,17 @@ toy: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py
 
 # The suite once per backend (the backend is fixed at import), then the
-# keras.distribution tests on JAX with 4 virtual CPU devices.
+# keras.distribution tests on JAX with 4 virtual CPU devices. The torch suite
+# (one thread) runs alongside the others; its log is printed when it ends.
 test: $(STAMP)
-	@status=0; \
-	for backend in tensorflow jax torch; do \
+	@status=0; log=$$(mktemp); \
+	KERAS_BACKEND=torch OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests > $$log 2>&1 & torch=$$!; \
+	for backend in tensorflow jax; do \
 	  echo "=== KERAS_BACKEND=$$backend"; \
 	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests || status=1; \
 	done; \
+	wait $$torch || status=1; \
+	echo "=== KERAS_BACKEND=torch (ran alongside)"; cat $$log; rm -f $$log; \
 	echo "=== KERAS_BACKEND=jax, 4 virtual devices"; \
 	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \
 	  $(BIN)/python -m pytest -q -rs tests/test_distribution.py || status=1; \

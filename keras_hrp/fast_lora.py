@@ -64,9 +64,10 @@ def gradient_equations(equation):
     Keys: `forward` (the equation), `low` (`x, A -> x A`), `up` (`x A, B ->
     delta`), `merge` (`A, B -> K`), `dx` (`dy, K -> dx`), `dx_low`
     (`dy B^T, A -> dx`), `g` (`dy, B -> dy B^T`), `da` (`x, g -> dA`),
-    `db` (`x A, dy -> dB`); `db_flat`: whether `B`'s axis is the output's
-    last. `None` where an einsum cannot express one (ellipses, an input axis
-    summed away, no adapter equations).
+    `db` (`x A, dy -> dB`); `db_flat` / `da_plan`: whether / how `dB` / `dA`
+    are one 2-D product over the flattened tokens. `None` where an einsum
+    cannot express one (ellipses, an input axis summed away, no adapter
+    equations).
 
     Example:
 
@@ -87,7 +88,19 @@ def gradient_equations(equation):
             "dx": f"{output},{kernel}->{inputs}", "dx_low": f"{low},{kernel[:-1]}{r}->{inputs}",
             "g": f"{output},{r}{e}->{low}", "da": f"{inputs},{low}->{kernel[:-1]}{r}",
             "db": f"{low},{output}->{r}{e}", "db_flat": output[-1] == e,
-            "da_flat": inputs.endswith(kernel[:-1]) and low == inputs[: -len(kernel) + 1] + r}
+            "da_plan": _flat_plan(inputs, low, f"{kernel[:-1]}{r}")}
+
+
+def _flat_plan(inputs, low, factor):
+    """How `_factor_a_gradient` forms `dA` (axes `factor`) as one 2-D
+    product: `(token axes, permutation)` from `(low's other axes, the input's
+    contracted axes)` to `factor`, or `None` where the token axes do not
+    lead both operands or the input keeps an axis of `A`."""
+    tokens = "".join(c for c in inputs if c not in factor)
+    rest = low[len(tokens):] + inputs[len(tokens):]
+    if not (inputs.startswith(tokens) and low.startswith(tokens)) or sorted(rest) != sorted(factor):
+        return None
+    return len(tokens), tuple(rest.index(c) for c in factor)
 
 
 def prefers_merged(layer, input_shape, kernel_shape, contracted):
@@ -127,7 +140,7 @@ def lora_with_factored_gradient(equations, scale, merged):
             else:
                 dx_low = ops.multiply(ops.einsum(equations["dx_low"], g, a), scale)
                 dx = ops.add(ops.einsum(equations["dx"], dy, w), dx_low)
-            da = ops.multiply(_factor_a_gradient(equations, x, g, a.shape), scale)
+            da = ops.multiply(_factor_a_gradient(equations, x, g), scale)
             x_a = ops.einsum(equations["low"], x, a) if low is None else low
             db = ops.multiply(_factor_b_gradient(equations, x_a, dy), scale)
             return dx, None, da, db
@@ -140,16 +153,17 @@ def lora_with_factored_gradient(equations, scale, merged):
     return forward
 
 
-def _factor_a_gradient(equations, x, g, a_shape):
-    """`x^T (dy B^T)`, summed over every token axis; as one 2-D product, the
-    small operand transposed, where `A`'s rows are the input's last axes
-    (Dense, MLPs, attention outputs; see `_factor_b_gradient`)."""
-    if not equations["da_flat"]:
+def _factor_a_gradient(equations, x, g):
+    """`x^T (dy B^T)` summed over every token axis, in `A`'s layout; one 2-D
+    product of the flattened tokens where the equation allows (see
+    `_factor_b_gradient`)."""
+    if equations["da_plan"] is None:
         return ops.einsum(equations["da"], x, g)
-    rows = math.prod(a_shape[:-1])
-    g = ops.reshape(g, (-1, g.shape[-1]))
-    da_t = ops.matmul(ops.transpose(g), ops.reshape(x, (-1, rows)))
-    return ops.reshape(ops.transpose(da_t), a_shape)
+    tokens, order = equations["da_plan"]
+    g_axes, x_axes = tuple(g.shape[tokens:]), tuple(x.shape[tokens:])
+    g = ops.reshape(g, (-1, math.prod(g_axes)))
+    da = ops.matmul(ops.transpose(g), ops.reshape(x, (-1, math.prod(x_axes))))
+    return ops.transpose(ops.reshape(da, g_axes + x_axes), order)
 
 
 def _factor_b_gradient(equations, x_a, dy):

@@ -126,7 +126,8 @@ def _adapted(equation, in_shape, out_shape):
 
 
 FORMS = [("dense", (5, 12), (5, 10)), *EQUATIONS[1:4],
-         ("abc,cd->adb", (5, 12), (10, 5))]  # the adapter's axis is not the output's last
+         ("abc,cd->adb", (5, 12), (10, 5)),  # the adapter's axis is not the output's last
+         ("abc,bcd->abd", (5, 12), (5, 4))]  # a kernel axis shared with the input and the output
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
