@@ -16,9 +16,8 @@ layer's shapes, chosen when the call is traced:
   activations cost more than forming `K`.
 
 Both run under one custom gradient, which also fixes how the factors'
-gradients contract the tokens (see `_factor_b_gradient`); on PyTorch the
-unmerged form keeps autodiff (see `FLAT_PRODUCTS`). A base weight that
-trains keeps autodiff (the custom gradient gives it none).
+gradients contract the tokens (see `_factor_b_gradient`). A base weight
+that trains keeps autodiff (the custom gradient gives it none).
 
 Outputs and gradients equal Keras' merged LoRA to float rounding. Quantized
 layers keep Keras' quantized call (already unmerged).
@@ -58,13 +57,6 @@ def lora_equations(equation):
     return f"{inputs},{kernel[:-1]}{free}->{low}", f"{low},{free}{last}->{output}"
 
 
-# XLA (JAX, TensorFlow) needs the factors' gradients as 2-D products (see
-# `_factor_b_gradient`); PyTorch's eager einsum was faster without them, and
-# its autodiff faster than the custom gradient for the unmerged form
-# (benchmarks/bench_speed.py on torch: MiniLM all-linear 0.90 vs 0.99 of stock).
-FLAT_PRODUCTS = keras.backend.backend() != "torch"
-
-
 @functools.cache  # read on every call of a layer (eagerly on torch)
 def gradient_equations(equation):
     """The einsums of an adapted einsum's factored passes, or `None`.
@@ -95,8 +87,8 @@ def gradient_equations(equation):
     return {"forward": equation, "low": low_eq, "up": up_eq, "merge": f"{kernel[:-1]}{r},{r}{e}->{kernel}",
             "dx": f"{output},{kernel}->{inputs}", "dx_low": f"{low},{kernel[:-1]}{r}->{inputs}",
             "g": f"{output},{r}{e}->{low}", "da": f"{inputs},{low}->{kernel[:-1]}{r}",
-            "db": f"{low},{output}->{r}{e}", "db_flat": FLAT_PRODUCTS and output[-1] == e,
-            "da_plan": _flat_plan(inputs, low, f"{kernel[:-1]}{r}") if FLAT_PRODUCTS else None}
+            "db": f"{low},{output}->{r}{e}", "db_flat": output[-1] == e,
+            "da_plan": _flat_plan(inputs, low, f"{kernel[:-1]}{r}")}
 
 
 def _flat_plan(inputs, low, factor):
@@ -215,7 +207,7 @@ def adapted_einsum(layer, inputs, equation):
     input_axes, kernel_axes = equation.split("->")[0].split(",")
     contracted = [c in input_axes for c in kernel_axes]
     merged = gradients is not None and prefers_merged(layer, tuple(inputs.shape), w.shape, contracted)
-    if gradients is None or internals.base_weight(layer).trainable or not (merged or FLAT_PRODUCTS):
+    if gradients is None or internals.base_weight(layer).trainable:
         low_eq, up_eq = lora_equations(equation)  # autodiff (the base weight's gradient too)
         delta = ops.multiply(ops.einsum(up_eq, ops.einsum(low_eq, inputs, a), b), _scale(layer))
         return ops.add(ops.einsum(equation, inputs, w), delta)

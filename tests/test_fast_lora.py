@@ -7,7 +7,6 @@ import pytest
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import fast_lora
-from tests.helpers import BACKEND
 from tests.helpers import JIT_MODES
 from tests.helpers import numpy_of
 
@@ -186,13 +185,12 @@ def test_a_trainable_base_weight_trains_as_in_keras(jit_compile):
 
 
 def test_gradient_equations():
-    flat = BACKEND != "torch"  # the 2-D products are for XLA (fast_lora.FLAT_PRODUCTS)
     assert fast_lora.gradient_equations("abc,cde->abde") == {
         "forward": "abc,cde->abde", "low": "abc,cdf->abdf", "up": "abdf,fe->abde", "merge": "cdf,fe->cde",
         "dx": "abde,cde->abc", "dx_low": "abdf,cdf->abc", "g": "abde,fe->abdf", "da": "abc,abdf->cdf",
-        "db": "abdf,abde->fe", "db_flat": flat,
-        "da_plan": (2, (2, 0, 1)) if flat else None}  # dA^T as (d, f, c) from 2 token axes, then (c, d, f)
-    assert fast_lora.gradient_equations("btnh,nhd->btd")["da_plan"] == ((2, (1, 2, 0)) if flat else None)
+        "db": "abdf,abde->fe", "db_flat": True,
+        "da_plan": (2, (2, 0, 1))}  # dA^T as (d, f, c) from 2 token axes, then (c, d, f)
+    assert fast_lora.gradient_equations("btnh,nhd->btd")["da_plan"] == (2, (1, 2, 0))
     assert not fast_lora.gradient_equations("abc,cd->adb")["db_flat"]  # B's axis is not the last
     assert fast_lora.gradient_equations("abc,bcd->abd")["da_plan"] is None  # b: in x, A and the output
     assert fast_lora.gradient_equations("...b,bc->...c") is None  # ellipses: autodiff
