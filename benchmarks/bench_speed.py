@@ -11,7 +11,7 @@ HRP model also trains on after its switch):
   4 blocks, 8 query heads / 1 key-value head of 128, MLP 4096, sequence
   512), every linear layer.
 
-Step time: epochs interleaved in one process, medians. Memory: each model
+Step time: epochs interleaved in one process, the median step. Memory: each model
 trains in its own process; the peak resident memory of its training steps
 above the model at rest (after its first, compiling step), and the run's
 whole peak. For `minilm:qv` also one whole HRP run (preheat, switch, main
@@ -100,42 +100,41 @@ def peft_step(setting, args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def model(setting, kind, args):
-    """A compiled task for `setting` with LoRA of `kind` ('stock', 'keras-hrp' or 'hrp')."""
+def model(setting, kind, args, rank=None, targets=None):
+    """A compiled task for `setting` with LoRA of `kind` ('stock', 'keras-hrp' or 'hrp'),
+    at `args.rank` on the setting's targets unless `rank` / `targets` say otherwise."""
     if setting.startswith("gemma"):
         backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     else:
         task = keras_hub.models.TextClassifier.from_preset(recipe.default_preset(), num_classes=2,
                                                            preprocessor=None)
-    targets = _targets(setting)
+    rank, targets = rank or args.rank, targets or _targets(setting)
     if kind.startswith("stock"):
-        task.backbone.enable_lora(args.rank, target_layer_names=targets)
+        task.backbone.enable_lora(rank, target_layer_names=targets)
     else:
         preheat_rank = args.preheat_rank if kind == "hrp" else None
-        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=preheat_rank, target_layer_names=targets)
+        keras_hrp.enable_hrp(task, rank=rank, preheat_rank=preheat_rank, target_layer_names=targets)
     task.compile(optimizer=keras.optimizers.Adam(1e-4),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return task
 
 
-def _batch_size(setting, args):
+def batch_size(setting, args):
     return args.gemma_batch_size if setting.startswith("gemma") else args.batch_size
 
 
 def bench_steps(setting, args):
-    """Median seconds per step of each kind, epochs interleaved."""
-    batch, steps = _batch_size(setting, args), args.steps_per_epoch
+    """Median seconds per step of each kind, epochs interleaved (`timing.fit_epoch`)."""
+    batch, steps = batch_size(setting, args), args.steps_per_epoch
     x, y = data(setting, args, batch * steps)
     models = {kind: model(setting, kind, args) for kind in KINDS}
 
-    def epoch(task):
-        return lambda: keras.Model.fit(task, x, y, batch_size=batch, epochs=1, verbose=0)
-
-    for task in models.values():
-        epoch(task)()  # compile
+    fits = {kind: timing.fit_epoch(task, x, y, batch) for kind, task in models.items()}
+    for fit in fits.values():
+        fit()  # compile
     repeats = args.gemma_repeats if setting.startswith("gemma") else args.repeats
-    medians = timing.medians(timing.interleaved({k: epoch(m) for k, m in models.items()}, repeats), steps)
+    medians = timing.medians(timing.interleaved(fits, repeats))
     print(setting, {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()}, flush=True)
     return medians
 
@@ -169,7 +168,7 @@ class _Recorder(keras.callbacks.Callback):
 def one_run(args):
     """One model training `args.run_steps` steps in this process (JSON on stdout)."""
     setting, kind = args.one_run
-    batch = _batch_size(setting, args)
+    batch = batch_size(setting, args)
     x, y = data(setting, args, batch * args.run_steps)
     task = model(setting, kind, args)
     callback = keras_hrp.HRPCallback(args.preheat_steps, verbose=0) if kind == "hrp" else None
@@ -269,7 +268,7 @@ def write_markdown(args, backend, results, path):
         "unmerged path; an HRP model trains on it after its switch).",
         "",
         f"## Step time ({args.steps_per_epoch}-step epochs interleaved, {args.repeats} repeats, "
-        f"Gemma {args.gemma_repeats}; medians) and memory (own process, {args.memory_steps} steps)",
+        f"Gemma {args.gemma_repeats}; median of the steps, each batch begin to batch end) and memory (own process, {args.memory_steps} steps)",
         "",
         "| setting | stock (ms) | stock, 2nd instance / stock | keras-hrp (ms) | keras-hrp / stock | "
         "PEFT (ms) / stock | step peak above rest, stock → keras-hrp (MiB) | run peak, stock → keras-hrp (MiB) |",

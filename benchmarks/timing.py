@@ -10,17 +10,52 @@ import platform
 import statistics
 import time
 
+import keras
+
 
 def interleaved(runs, repeats):
-    """Seconds of each of `runs` (name -> callable), `repeats` times, order alternating."""
+    """Seconds of each of `runs` (name -> callable), `repeats` times, order
+    alternating: the list of seconds a run returns (`fit_epoch`'s steps),
+    else the run's wall time."""
     times = {name: [] for name in runs}
     order = list(runs.items())
     for i in range(repeats):
         for name, run in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            result = run()
+            elapsed = time.perf_counter() - start
+            times[name].extend(result if isinstance(result, list) else [elapsed])
     return times
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Seconds of each training step, from batch begin to batch end with the
+    loss read back (so asynchronous dispatch has finished). Work done once
+    per epoch stays out: on TensorFlow here the input pipeline's set-up
+    stalled 1-2 s before the first step of some epochs, at random."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0))
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def fit_epoch(task, x, y, batch_size):
+    """A callable that fits `task` one epoch on `(x, y)` and returns the
+    seconds of each step (see `StepTimer`)."""
+
+    def run():
+        timer = StepTimer()
+        keras.Model.fit(task, x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=[timer])
+        return timer.seconds
+
+    return run
 
 
 def medians(times, per=1):

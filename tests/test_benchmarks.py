@@ -5,10 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import keras
 import numpy as np
 import pytest
 
+from keras_hrp import internals
+from tests import helpers
 from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +136,28 @@ def test_interleaved_timing_alternates_the_order():
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert [len(t) for t in times.values()] == [3, 3]
     assert timing.medians({"a": [3.0, 1.0, 2.0]}, per=2) == {"a": 1.0}
+
+
+def test_fit_epoch_times_each_step_not_the_epoch():
+    timing = _load("timing")
+    x, y = helpers.regression_data(n=24)
+    model = helpers.hrp_mlp()
+    model.compile(optimizer="sgd", loss="mse")
+    stall = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: time.sleep(0.5))
+    fit = timing.fit_epoch(model, x, y, batch_size=8)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[stall])  # compile
+    times = timing.interleaved({"fit": fit, "wall": lambda: time.sleep(0.01)}, 2)
+    assert len(times["fit"]) == 6 and all(0 < t < 0.5 for t in times["fit"])
+    assert len(times["wall"]) == 2 and all(t >= 0.01 for t in times["wall"])
+
+
+def test_floor_model_adapts_only_the_first_query():
+    floor = _load("bench_floor")
+    args = floor.bench_speed.parse(["--quick"])
+    task = floor.floor_model("minilm:all", args)
+    adapted = [layer for layer in internals.all_layers(task) if getattr(layer, "lora_enabled", False)]
+    assert [layer.lora_rank for layer in adapted] == [1]
+    assert "transformer_layer_0/" in adapted[0].path and adapted[0].path.endswith("query")
 
 
 def test_peak_memory_reset_sees_a_new_allocation():
