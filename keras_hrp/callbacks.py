@@ -1,5 +1,6 @@
 """`HRPCallback`: High-Rank Preheating inside one ordinary `model.fit`."""
 
+import os
 import warnings
 
 import keras
@@ -7,6 +8,8 @@ import keras
 from keras_hrp import checkpoints
 from keras_hrp import internals
 from keras_hrp import settings
+from keras_hrp import spectra
+from keras_hrp.auto_preheat import SubspaceTracker
 from keras_hrp.state import hrp_layers
 from keras_hrp.state import run_state
 from keras_hrp.switch import WeightSnapshot
@@ -19,7 +22,8 @@ class HRPCallback(keras.callbacks.Callback):
     The callback counts optimizer updates (`optimizer.iterations`: one per
     `steps_per_execution` step, one per `gradient_accumulation_steps`
     batches, across epochs, fits and resumed runs) and at the first batch
-    end after `preheat_steps` of them calls `keras_hrp.switch_to_main` on
+    end after `preheat_steps` of them (or, with `"auto"`, once the preheat
+    is stable, see below) calls `keras_hrp.switch_to_main` on
     `self.model`: each HRP layer's new `A` is
     taken from the top singular directions of its preheated delta, `B = 0`,
     the adapter shrinks to its main rank, every other weight returns to its
@@ -33,14 +37,29 @@ class HRPCallback(keras.callbacks.Callback):
     `ReduceLROnPlateau` of the same `fit` start afresh and a
     `ModelCheckpoint`'s best value returns to its value before the preheat:
     "best" means best since the switch, since the roll back makes preheat
-    epochs incomparable with main ones.
+    epochs incomparable with main ones. With a `keras.callbacks.TensorBoard`
+    in the same `fit`, the switch writes each layer's preheated spectrum and
+    energy kept under its `log_dir`, in `hrp/` (`keras_hrp.spectra`).
 
     The defaults are the paper's reading: the preheat is only a probe.
     `init`, `restore_weights` and `warmup_steps` let the main phase keep
     more of what the preheat learned (see the README's ablation).
 
+    `preheat_steps="auto"` (the default): every `check_every` updates the
+    callback takes each preheating layer's top-`rank` left singular
+    directions of its delta (the directions the switch keeps) and switches
+    once every layer's subspace moved less than `stable_degrees` (largest
+    principal angle) since the previous check, or after
+    `max_preheat_steps` updates. `report.reason` says which; `report.checks`
+    lists each check's step and largest angle. A resumed run starts its
+    comparison afresh at its first check.
+
     Args:
-        preheat_steps: number of optimizer updates at the preheating rank.
+        preheat_steps: number of optimizer updates at the preheating rank,
+            or `"auto"`.
+        max_preheat_steps: `"auto"`'s limit (updates).
+        check_every: `"auto"`'s updates between two checks.
+        stable_degrees: `"auto"`'s threshold (degrees, in `(0, 90)`).
         restore_weights: roll back every other weight training changed
             (heads, biases, normalization statistics) at the switch, so the
             model's output right after it equals its output before
@@ -55,7 +74,8 @@ class HRPCallback(keras.callbacks.Callback):
     Attributes:
         report: the `SwitchReport` of the switch (`None` before it): per
             layer path, the preheated singular values and the fraction of
-            the delta's energy the kept directions capture.
+            the delta's energy the kept directions capture;
+            `report.plot("spectra.png")` draws them.
         switch_step: the preheat updates done when the switch came
             (`None` before it).
 
@@ -66,20 +86,34 @@ class HRPCallback(keras.callbacks.Callback):
     ...     keras_hrp.HRPDense(64, rank=4, preheat_rank=32),
     ... ])
     >>> model.compile("adam", "mse")
-    >>> model.fit(x, y, epochs=3, callbacks=[keras_hrp.HRPCallback(50)])
+    >>> model.fit(x, y, epochs=3, callbacks=[keras_hrp.HRPCallback()])
     """
 
     def __init__(
         self,
-        preheat_steps,
+        preheat_steps="auto",
         restore_weights=True,
         init="directions",
         warmup_steps=0,
         verbose=1,
+        max_preheat_steps=100,
+        check_every=10,
+        stable_degrees=10.0,
     ):
         super().__init__()
         owner = "HRPCallback"
-        self.preheat_steps = settings.integer(owner, "preheat_steps", preheat_steps, minimum=1)
+        self.auto = isinstance(preheat_steps, str)
+        if self.auto and preheat_steps != "auto":
+            settings.fail(owner, "`preheat_steps` must be a positive integer or 'auto'", preheat_steps=preheat_steps)
+        self.preheat_steps = None if self.auto else settings.integer(
+            owner, "preheat_steps", preheat_steps, minimum=1)
+        self.max_preheat_steps = settings.integer(owner, "max_preheat_steps", max_preheat_steps, minimum=1)
+        self.check_every = settings.integer(owner, "check_every", check_every, minimum=1)
+        self.stable_degrees = settings.positive_number(owner, "stable_degrees", stable_degrees)
+        if self.stable_degrees >= 90:
+            settings.fail(owner, "`stable_degrees` must be below 90", stable_degrees=stable_degrees)
+        self._tracker, self._tracked = SubspaceTracker(self.stable_degrees), None
+        self._next_check = self.check_every
         self.init, self.warmup_steps, self.restore_weights = settings.check_switch_settings(
             owner, init, warmup_steps, restore_weights
         )
@@ -94,6 +128,8 @@ class HRPCallback(keras.callbacks.Callback):
         self._unchecked = 0
 
     def set_model(self, model):
+        if model is not self._tracked:
+            self._tracker, self._tracked = SubspaceTracker(self.stable_degrees), model
         super().set_model(model)
         checkpoints.attach(model)
         self._siblings = internals.sibling_callbacks(self)
@@ -158,6 +194,7 @@ class HRPCallback(keras.callbacks.Callback):
         }
         optimizer = getattr(model, "optimizer", None)
         self._accumulation = getattr(optimizer, "gradient_accumulation_steps", None) or 1
+        self._next_check = (done // self.check_every + 1) * self.check_every
         self._done = done
         self._unchecked = 0
         self._active = True
@@ -169,7 +206,8 @@ class HRPCallback(keras.callbacks.Callback):
         # many optimizer updates. Count them exactly (a JAX state sync) only
         # once the bound reaches the preheat's length.
         self._unchecked += batch - self._begin + 1
-        if self._done + self._unchecked // self._accumulation + 1 < self.preheat_steps:
+        target = min(self._next_check, self.max_preheat_steps) if self.auto else self.preheat_steps
+        if self._done + self._unchecked // self._accumulation + 1 < target:
             return
         model = self.model
         run = run_state(model)
@@ -177,17 +215,45 @@ class HRPCallback(keras.callbacks.Callback):
             self._active = False
             return
         self._done, self._unchecked = run.count_updates(model), 0
-        if self._done < self.preheat_steps:
+        if self._done < target:
+            return
+        reason = self._reason(model)
+        if reason is None:
+            self._next_check = self._done + self.check_every
             return
         self.report = switch_to_main(
             model, run.snapshot, init=self.init, warmup_steps=self.warmup_steps
         )
+        self.report.reason, self.report.checks = reason, list(self._tracker.checks)
         self.switch_step = self._done
         run.snapshot = None
         self._active = False
         self._reset_monitors()
+        self._write_tensorboard()
         if self.verbose:
             self._print_switch()
+
+    def _write_tensorboard(self):
+        for cb in self._siblings:
+            if isinstance(cb, keras.callbacks.TensorBoard):
+                log_dir = os.path.join(cb.log_dir, "hrp")
+                try:
+                    spectra.write_tensorboard(self.report, log_dir, step=self.switch_step)
+                except Exception as error:  # a log must not end a run that switched
+                    warnings.warn(f"HRPCallback: the spectra were not written to {log_dir}: {error!r}",
+                                  stacklevel=2)
+
+    def _reason(self, model):
+        """Why the preheat ends now, or `None` while `"auto"` goes on."""
+        if not self.auto:
+            return f"preheat_steps={self.preheat_steps}"
+        if self._done >= self.max_preheat_steps:
+            return f"max_preheat_steps={self.max_preheat_steps} reached before the subspaces were stable"
+        if not self._tracker.check(model, self._done):
+            return None
+        previous, last = self._tracker.checks[-2:]
+        return (f"stable: no top subspace moved {self.stable_degrees:g} degrees or more between "
+                f"updates {previous.step} and {last.step} (largest {last.angle:.1f})")
 
     def _reset_monitors(self):
         """Preheat epochs are not comparable with main ones: forget them."""
@@ -200,9 +266,10 @@ class HRPCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._active:
             done = run_state(self.model).count_updates(self.model)
+            until = "the subspaces were stable" if self.auto else f"preheat_steps={self.preheat_steps}"
             warnings.warn(
                 f"HRPCallback: fit ended after {done} preheat updates, before "
-                f"preheat_steps={self.preheat_steps}; the HRP layers are still at "
+                f"{until}; the HRP layers are still at "
                 "their preheating rank (a later fit with this callback goes on).",
                 stacklevel=2,
             )
@@ -215,6 +282,6 @@ class HRPCallback(keras.callbacks.Callback):
         print(
             f"\nHRPCallback: switched {len(report)} layers (rank {', '.join(ranks)}) "
             f"at step {self.switch_step} in {report.seconds:.3f} s; mean energy kept "
-            f"{energy:.3f}; fallbacks: {len(report.fallbacks)}",
+            f"{energy:.3f}; fallbacks: {len(report.fallbacks)}; {report.reason}",
             flush=True,
         )

@@ -1,6 +1,7 @@
 """`initialize_lora`: baseline LoRA initializations on a model's layers."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_hrp import internals
@@ -10,7 +11,7 @@ from keras_hrp.gradients import weight_gradients
 from keras_hrp.initializers import baselines
 from keras_hrp.initializers import expected_norm
 
-METHODS = ("keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "oracle")
+METHODS = ("keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "eva", "oracle")
 SVD_METHODS = ("auto", "full", "randomized")
 OWNER = "initialize_lora"
 
@@ -64,6 +65,64 @@ def _gradients(model_or_layers, layers, data, loss):
     return dict(zip([layer.path for layer in layers], grads))
 
 
+def _contracted_axes(layer):
+    """`(input axes the weight contracts, in A's order; A's axes that are
+    output axes only)` of a Dense / EinsumDense layer, input axes by
+    position. EVA's directions live on the first, repeat along the second."""
+    if isinstance(layer, keras.layers.Embedding):
+        settings.fail(OWNER, f"method 'eva' needs a Dense or EinsumDense layer; '{layer.path}' is an "
+                      "Embedding (its inputs are ids)", layer=type(layer).__name__)
+    if not isinstance(layer, keras.layers.EinsumDense):
+        return None, ()
+    inputs, rest = layer.equation.split(",")
+    kernel, output = rest.split("->")
+    shared = [c for c in inputs if c in kernel and c in output]
+    if shared or "." in layer.equation:
+        settings.fail(OWNER, f"method 'eva' cannot read the inputs of layer '{layer.path}' as tokens x "
+                      "features (an axis is in its input, kernel and output, or an ellipsis)",
+                      equation=layer.equation)
+    return [inputs.index(c) for c in kernel[:-1] if c in inputs], tuple(
+        i for i, c in enumerate(kernel[:-1]) if c not in inputs)
+
+
+def _input_grams(model, layers, data):
+    """Per layer path, `X^T X` of its inputs over `data` (float64)."""
+    if data is None:
+        settings.fail(OWNER, "method 'eva' needs `data`, an iterable of batches (x or (x, y))", data=data)
+    plans = {layer.path: _contracted_axes(layer)[0] for layer in layers}
+    grams = {}
+
+    def observe(layer, inputs):
+        x = ops.convert_to_numpy(inputs).astype("float64")
+        axes = plans[layer.path]
+        if axes is not None:
+            x = np.transpose(x, [i for i in range(x.ndim) if i not in axes] + axes)
+            x = x.reshape(-1, int(np.prod([inputs.shape[i] for i in axes])))
+        else:
+            x = x.reshape(-1, x.shape[-1])
+        grams[layer.path] = grams.get(layer.path, 0.0) + x.T @ x
+
+    with internals.observed_inputs(layers, observe):
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x, training=False)
+    missing = [layer.path for layer in layers if layer.path not in grams]
+    if missing:
+        settings.fail(OWNER, "method 'eva': these layers saw no input on `data`", layers=missing)
+    return grams
+
+
+def _eva_a(layer, gram, a_shape):
+    """EVA's directions placed in `A`'s shape, repeated along A's output axes (heads)."""
+    directions = ops.convert_to_numpy(baselines.eva(gram, layer.lora_rank))
+    _, repeated = _contracted_axes(layer)
+    kept = [d for i, d in enumerate(a_shape[:-1]) if i not in repeated]
+    a = directions.reshape(kept + [a_shape[-1]])
+    for axis in repeated:
+        a = np.expand_dims(a, axis)
+    return np.broadcast_to(a, a_shape).astype("float32")
+
+
 def _target(targets, layer, shape):
     if targets is None or layer.path not in targets:
         raise ValueError(
@@ -86,6 +145,10 @@ def initialize_lora(
       frozen weight; `"olora"`: its QR factors.
     - `"lora_ga"`: from the SVD of the loss gradient of the frozen weight,
       averaged over `data`.
+    - `"eva"`: `A` = the top-`r` principal directions of the layer's inputs
+      over `data` (orthonormal; a per-head EinsumDense adapter gets them in
+      every head), `B = 0`. PEFT's EVA also redistributes ranks between
+      layers; this one keeps each layer's rank.
     - `"oracle"`: A from the top directions of a known update `targets`.
     For HRP use `enable_hrp` / `HRPDense` with `HRPCallback`.
 
@@ -97,7 +160,8 @@ def initialize_lora(
         model_or_layers: a Keras model (every LoRA layer in it) or a list of
             layers, each a `Dense`, `EinsumDense` or `Embedding` with LoRA.
         method: one of `METHODS`.
-        data: `"lora_ga"` only: an iterable of `(x, y)` batches.
+        data: `"lora_ga"`: an iterable of `(x, y)` batches; `"eva"`: of
+            batches `x` or `(x, ...)`.
         loss: `"lora_ga"` only: `loss(y_true, y_pred)`; defaults to the
             compiled model's loss.
         targets: `"oracle"` only: `{layer path: true update}`, each shaped
@@ -119,6 +183,11 @@ def initialize_lora(
         settings.fail(OWNER, "`targets` must be a dict {layer path: update}", targets=targets)
     layers = _lora_layers(model_or_layers)
     grads = _gradients(model_or_layers, layers, data, loss) if method == "lora_ga" else None
+    if method == "eva":
+        if not isinstance(model_or_layers, keras.Model):
+            settings.fail(OWNER, "method 'eva' needs the model (to run `data` through it)",
+                          model_or_layers=type(model_or_layers).__name__)
+        grams = _input_grams(model_or_layers, layers, data)
     for layer in layers:
         a_var, b_var = lora.lora_factors(layer)
         base = _base_weight(layer)
@@ -134,6 +203,9 @@ def initialize_lora(
         elif method == "lora_ga":
             grad = ops.reshape(grads[layer.path], shape)
             a, b, residual = baselines.lora_ga(w, grad, rank, scale, svd=svd)
+        elif method == "eva":
+            a = ops.reshape(_eva_a(layer, grams[layer.path], tuple(a_var.shape)), (shape[0], rank))
+            b, residual = ops.zeros((rank, shape[1])), None
         elif method == "oracle":
             norm = expected_norm(lora.DEFAULT_A_INITIALIZER, a_var.shape)
             a, b, residual = baselines.oracle(w, _target(targets, layer, shape), rank, norm)

@@ -171,6 +171,36 @@ def wrap_method(owner, name, make_wrapper):
     object.__setattr__(owner, name, wrapper)
 
 
+@contextlib.contextmanager
+def observed_inputs(layers, observe):
+    """Calls `observe(layer, inputs)` on every call of each of `layers`.
+
+    Keras has no public hook on a layer's inputs, and a nested layer (an
+    attention projection inside a KerasHub block) is no node of a functional
+    graph to read them from. Each instance's `call` is shadowed for the
+    duration (as `wrap_method` does) and restored after.
+    """
+    saved = []
+    for layer in layers:
+        own = layer.__dict__.get("call")
+        original = layer.call
+
+        def call(inputs, *args, _layer=layer, _original=original, **kwargs):
+            observe(_layer, inputs)
+            return _original(inputs, *args, **kwargs)
+
+        object.__setattr__(layer, "call", call)
+        saved.append((layer, own))
+    try:
+        yield
+    finally:
+        for layer, own in saved:
+            if own is None:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", own)
+
+
 def sibling_callbacks(callback):
     """The other callbacks of the `fit` that is calling `callback.set_model`.
 

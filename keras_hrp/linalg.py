@@ -1,5 +1,6 @@
 """Pure linear-algebra helpers, written in `keras.ops` for every backend."""
 
+import numpy as np
 from keras import ops
 
 
@@ -158,3 +159,24 @@ def truncated_svd(w, rank, method="auto", seed=None):
     u, s, vt = ops.svd(w, full_matrices=False)
     u, v = fixed_signs(u[:, :rank], ops.transpose(vt[:rank]))
     return u, s[:rank], v
+
+
+def largest_principal_angle(u, w):
+    """The largest principal angle, in degrees, between the column spans of
+    `u` and `w` (both `(m, r)` with orthonormal columns): 0 when the spans
+    are equal, 90 when a direction of one is orthogonal to the other.
+
+    Example:
+
+    >>> largest_principal_angle(np.eye(3)[:, :1], np.eye(3)[:, 1:2])
+    90.0
+    """
+    u, w = _as_matrix(u, "u"), _as_matrix(w, "w")
+    if u.shape != w.shape:
+        raise ValueError(
+            f"largest_principal_angle: the bases differ in shape. Received: u.shape={tuple(u.shape)}, "
+            f"w.shape={tuple(w.shape)}"
+        )
+    cosines = ops.svd(ops.matmul(ops.transpose(u), w), compute_uv=False)
+    smallest = float(np.clip(np.min(ops.convert_to_numpy(cosines)), 0.0, 1.0))
+    return float(np.degrees(np.arccos(smallest)))

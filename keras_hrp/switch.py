@@ -18,6 +18,7 @@ from keras import ops
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
+from keras_hrp import spectra
 from keras_hrp.initializers import expected_norm
 from keras_hrp.initializers import preheated_a
 from keras_hrp.initializers import preheated_factors
@@ -112,13 +113,22 @@ class LayerSwitch:
 
 
 class SwitchReport(dict):
-    """Per layer path, a `LayerSwitch`; `seconds` is the switch's wall time."""
+    """Per layer path, a `LayerSwitch`; `seconds` is the switch's wall time,
+    `reason` why the preheat ended and `checks` an automatic preheat's
+    checks (`keras_hrp.auto_preheat.Check`)."""
 
     seconds = 0.0
+    reason = ""
+    checks = ()
 
     @property
     def fallbacks(self):
         return {path: item.fallback for path, item in self.items() if item.fallback}
+
+    def plot(self, path):
+        """Writes a PNG of each layer's preheated spectrum and the energy
+        kept (see `keras_hrp.spectra.plot_spectra`); returns `path`."""
+        return spectra.plot_spectra(self, path)
 
     def summary(self):
         lines = [f"{'layer':40s} {'R->r':>7s} {'energy kept':>11s}  note"]

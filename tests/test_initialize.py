@@ -135,3 +135,52 @@ def test_errors():
     dense.quantize("int8")
     with pytest.raises(ValueError, match="'q8' is quantized.*quantization_mode='int8'"):
         keras_hrp.initialize_lora([dense], "pissa")
+
+
+def _eva_model():
+    model = tiny_model()
+    model.get_layer("ffn").enable_lora(3)
+    model.get_layer("mha")._query_dense.enable_lora(3)  # per head: A is (32, 2, 3)
+    return model
+
+
+def test_eva_takes_the_inputs_principal_directions_in_every_head():
+    model = _eva_model()
+    data = [b[0] for b in _batches(3)]
+    before = model.predict(probe_tokens(), verbose=0)
+    keras_hrp.initialize_lora(model, "eva", data=data)
+    np.testing.assert_allclose(model.predict(probe_tokens(), verbose=0), before, rtol=1e-5, atol=1e-6)
+    mha = model.get_layer("mha")
+    embedded = np.concatenate([numpy_of(model.get_layer("embed")(x)) for x in data]).reshape(-1, 32)
+    query_a = numpy_of(mha._query_dense.lora_kernel_a)
+    assert query_a.shape == (32, 2, 3)
+    np.testing.assert_array_equal(query_a[:, 0], query_a[:, 1])  # the same directions in each head
+    top = np.linalg.svd(embedded, full_matrices=False)[2][:3].T
+    assert principal_angle_cos(query_a[:, 0], top) > 1 - 1e-4
+    np.testing.assert_allclose(query_a[:, 0].T @ query_a[:, 0], np.eye(3), atol=1e-5)
+    assert not np.any(numpy_of(mha._query_dense.lora_kernel_b))
+    ffn_a = numpy_of(model.get_layer("ffn").lora_kernel_a)
+    assert ffn_a.shape == (32, 3) and np.all(np.abs(ffn_a).max(axis=0) == ffn_a.max(axis=0))  # signs fixed
+
+
+def test_eva_on_a_multi_axis_input():
+    x = keras.Input((5, 2, 4))
+    layer = keras.layers.EinsumDense("abcd,cde->abe", output_shape=(None, 6), name="proj")
+    model = keras.Model(x, layer(x))
+    layer.enable_lora(2)
+    data = [np.random.default_rng(i).normal(size=(3, 5, 2, 4)).astype("float32") for i in range(2)]
+    keras_hrp.initialize_lora(model, "eva", data=data)
+    flat = np.concatenate(data).reshape(-1, 8)  # the contracted (c, d) axes, in the kernel's order
+    a = numpy_of(layer.lora_kernel_a).reshape(8, 2)
+    assert principal_angle_cos(a, np.linalg.svd(flat, full_matrices=False)[2][:2].T) > 1 - 1e-4
+
+
+def test_eva_errors():
+    model = _eva_model()
+    with pytest.raises(ValueError, match="initialize_lora: method 'eva' needs `data`.*data=None"):
+        keras_hrp.initialize_lora(model, "eva")
+    with pytest.raises(ValueError, match="'eva' needs the model.*model_or_layers='list'"):
+        keras_hrp.initialize_lora([model.get_layer("ffn")], "eva", data=[probe_tokens()])
+    model.get_layer("embed").enable_lora(2)
+    with pytest.raises(ValueError, match="'embed' is an Embedding.*layer='Embedding'"):
+        keras_hrp.initialize_lora(model, "eva", data=[probe_tokens()])

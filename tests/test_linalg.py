@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from keras_hrp import linalg
 from keras_hrp import svd_of_product
 from keras_hrp.linalg import randomized_svd
 from keras_hrp.linalg import truncated_svd
@@ -111,3 +112,16 @@ def test_singular_vector_signs_are_fixed():
     for method in ("full", "randomized"):
         tu, _, _ = (numpy_of(t) for t in truncated_svd(a @ b, 4, method=method, seed=1))
         assert np.all(tu[np.abs(tu).argmax(axis=0), np.arange(4)] > 0)
+
+
+def test_largest_principal_angle():
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 2)))[0]
+    np.testing.assert_allclose(linalg.largest_principal_angle(basis, basis[:, ::-1]), 0.0, atol=0.1)
+    theta = np.radians(30.0)
+    e = np.eye(6)
+    u = e[:, :2]
+    w = np.stack([e[:, 0], np.cos(theta) * e[:, 1] + np.sin(theta) * e[:, 2]], axis=1)
+    np.testing.assert_allclose(linalg.largest_principal_angle(u, w), 30.0, atol=1e-3)
+    np.testing.assert_allclose(linalg.largest_principal_angle(u, e[:, 2:4]), 90.0, atol=1e-3)
+    with pytest.raises(ValueError, match="bases differ in shape.*u.shape=\\(6, 2\\), w.shape=\\(6, 1\\)"):
+        linalg.largest_principal_angle(u, e[:, :1])

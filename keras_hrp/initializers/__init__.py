@@ -3,6 +3,7 @@
 from keras_hrp.initializers.hrp import expected_norm
 from keras_hrp.initializers.hrp import preheated_a
 from keras_hrp.initializers.hrp import preheated_factors
+from keras_hrp.initializers.baselines import eva
 from keras_hrp.initializers.baselines import gaussian
 from keras_hrp.initializers.baselines import lora_ga
 from keras_hrp.initializers.baselines import milora

@@ -123,3 +123,25 @@ def oracle(w, target, rank, norm):
         )
     u, _, _ = truncated_svd(target, rank, method="full")
     return u * (norm / math.sqrt(rank)), ops.zeros((rank, w.shape[1])), None
+
+
+def eva(gram, rank):
+    """EVA: the top-`rank` principal directions of a layer's inputs.
+
+    `gram` is `X^T X` of the inputs `X` (tokens x the `k` features the weight
+    contracts), summed over a few batches. Returns the `(k, rank)` matrix of
+    its top eigenvectors (orthonormal columns, signs fixed: each column's
+    largest-magnitude entry positive), which EVA puts into `A` with `B = 0`;
+    the base weight is kept.
+    """
+    gram = ops.convert_to_tensor(gram, dtype="float32")
+    k = gram.shape[0]
+    if len(gram.shape) != 2 or gram.shape[1] != k or not isinstance(rank, int) or not 1 <= rank <= k:
+        raise ValueError(
+            f"eva: needs a square Gram matrix and 1 <= rank <= its size. "
+            f"Received: gram.shape={tuple(gram.shape)}, rank={rank}"
+        )
+    _, vectors = ops.eigh((gram + ops.transpose(gram)) / 2)  # ascending eigenvalues
+    top = ops.flip(vectors[:, k - rank :], axis=1)
+    peak = ops.take_along_axis(top, ops.expand_dims(ops.argmax(ops.abs(top), axis=0), 0), axis=0)
+    return top * ops.where(peak < 0, -1.0, 1.0)

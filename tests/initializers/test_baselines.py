@@ -62,3 +62,14 @@ def test_lora_ga_errors():
 def test_oracle_errors():
     with pytest.raises(ValueError, match=r"target.shape=\(3, 3\)"):
         baselines.oracle(_w(), np.ones((3, 3)), 2, norm=1.0)
+
+
+def test_eva_is_the_grams_top_eigenvectors():
+    x = np.random.default_rng(0).normal(size=(50, 6)) * np.array([5.0, 4.0, 3.0, 0.5, 0.2, 0.1])
+    a = numpy_of(baselines.eva(x.T @ x, 2))
+    top = np.linalg.eigh(x.T @ x)[1][:, ::-1][:, :2]
+    np.testing.assert_allclose(np.abs(a), np.abs(top), atol=1e-4)
+    np.testing.assert_allclose(a.T @ a, np.eye(2), atol=1e-5)
+    assert np.all(a[np.abs(a).argmax(axis=0), [0, 1]] > 0)
+    with pytest.raises(ValueError, match="eva: .*gram.shape=\\(6, 5\\), rank=2"):
+        baselines.eva(np.ones((6, 5)), 2)

@@ -1,0 +1,79 @@
+"""`preheat_steps="auto"`: switching once the preheat's top subspaces settle."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hrp
+from keras_hrp import auto_preheat
+from keras_hrp import lora
+from tests.helpers import JIT_MODES
+from tests.helpers import hrp_mlp
+from tests.helpers import numpy_of
+from tests.helpers import principal_angle_cos
+from tests.helpers import regression_data
+
+
+def _fit(epochs=4, jit_compile=False, **callback_kwargs):
+    x, y = regression_data()
+    model = hrp_mlp(rank=2, preheat_rank=12)
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+    before = model.predict(x, verbose=0)
+    hrp = keras_hrp.HRPCallback(verbose=0, **callback_kwargs)
+    model.fit(x, y, batch_size=32, epochs=epochs, callbacks=[hrp], verbose=0)
+    return model, hrp, before
+
+
+def test_top_directions_are_the_deltas_top_left_singular_vectors():
+    model = hrp_mlp(rank=2, preheat_rank=12)
+    layer = model.get_layer("hrp_1")
+    assert auto_preheat.top_directions(layer) is None  # B = 0: no delta yet
+    a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+    b = np.random.default_rng(0).normal(size=b.shape).astype("float32")
+    lora.lora_factors(layer)[1].assign(b)
+    u = auto_preheat.top_directions(layer)
+    expected = np.linalg.svd(a @ b)[0][:, :2]
+    assert u.shape == (32, 2)
+    assert principal_angle_cos(u, expected) > 1 - 1e-5
+
+
+def test_tracker_is_stable_once_nothing_moves():
+    model = hrp_mlp(rank=2, preheat_rank=12)
+    for layer in keras_hrp.hrp_layers(model):
+        b = lora.lora_factors(layer)[1]
+        b.assign(np.random.default_rng(1).normal(size=b.shape).astype("float32"))
+    tracker = auto_preheat.SubspaceTracker(stable_degrees=1.0)
+    assert not tracker.check(model, 10)  # nothing to compare with yet
+    assert tracker.check(model, 20)
+    assert tracker.checks[0].angle is None and tracker.checks[1].angle < 0.1
+    layer = model.get_layer("hrp_2")
+    b = lora.lora_factors(layer)[1]
+    b.assign(np.random.default_rng(2).normal(size=b.shape).astype("float32"))
+    assert not tracker.check(model, 30) and tracker.checks[2].angle > 1.0
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_default_auto_preheat_switches_once_stable(jit_compile):
+    model, hrp, before = _fit(jit_compile=jit_compile, check_every=4, stable_degrees=20.0)
+    assert hrp.report.reason.startswith("stable")
+    angles = [check.angle for check in hrp.report.checks]
+    assert angles[0] is None and angles[-1] < 20.0 and all(a >= 20.0 for a in angles[1:-1])
+    assert hrp.switch_step % 4 == 0 and hrp.switch_step == hrp.report.checks[-1].step
+    assert hrp.switch_step < hrp.max_preheat_steps
+    assert all(layer.hrp_phase == "main" and layer.lora_rank == 2 for layer in keras_hrp.hrp_layers(model))
+
+
+def test_auto_preheat_stops_at_its_limit():
+    model, hrp, _ = _fit(check_every=2, stable_degrees=1e-6, max_preheat_steps=9)
+    assert hrp.switch_step == 9
+    assert hrp.report.reason.startswith("max_preheat_steps=9 reached")
+    assert [check.step for check in hrp.report.checks] == [2, 4, 6, 8]
+
+
+def test_auto_preheat_errors():
+    with pytest.raises(ValueError, match="HRPCallback.*positive integer or 'auto'.*preheat_steps='soon'"):
+        keras_hrp.HRPCallback("soon")
+    with pytest.raises(ValueError, match="HRPCallback.*below 90.*stable_degrees=90"):
+        keras_hrp.HRPCallback(stable_degrees=90)
+    with pytest.raises(ValueError, match="HRPCallback.*check_every=0"):
+        keras_hrp.HRPCallback(check_every=0)
