@@ -57,7 +57,10 @@ class HRPCallback(keras.callbacks.Callback):
     Args:
         preheat_steps: number of optimizer updates at the preheating rank,
             or `"auto"`.
-        max_preheat_steps: `"auto"`'s limit (updates).
+        max_preheat_steps: `"auto"`'s limit (updates). `None`: a tenth of
+            the updates the `fit` plans (epochs x steps per epoch), at
+            least `check_every`; 100 when the `fit` does not know its
+            length.
         check_every: `"auto"`'s updates between two checks.
         stable_degrees: `"auto"`'s threshold (degrees, in `(0, 90)`).
         restore_weights: roll back every other weight training changed
@@ -96,7 +99,7 @@ class HRPCallback(keras.callbacks.Callback):
         init="directions",
         warmup_steps=0,
         verbose=1,
-        max_preheat_steps=100,
+        max_preheat_steps=None,
         check_every=10,
         stable_degrees=10.0,
     ):
@@ -107,7 +110,8 @@ class HRPCallback(keras.callbacks.Callback):
             settings.fail(owner, "`preheat_steps` must be a positive integer or 'auto'", preheat_steps=preheat_steps)
         self.preheat_steps = None if self.auto else settings.integer(
             owner, "preheat_steps", preheat_steps, minimum=1)
-        self.max_preheat_steps = settings.integer(owner, "max_preheat_steps", max_preheat_steps, minimum=1)
+        self.max_preheat_steps = settings.integer(
+            owner, "max_preheat_steps", max_preheat_steps, minimum=1, optional=True)
         self.check_every = settings.integer(owner, "check_every", check_every, minimum=1)
         self.stable_degrees = settings.positive_number(owner, "stable_degrees", stable_degrees)
         if self.stable_degrees >= 90:
@@ -195,6 +199,7 @@ class HRPCallback(keras.callbacks.Callback):
         optimizer = getattr(model, "optimizer", None)
         self._accumulation = getattr(optimizer, "gradient_accumulation_steps", None) or 1
         self._next_check = (done // self.check_every + 1) * self.check_every
+        self._limit = self.max_preheat_steps or self._planned_limit()
         self._done = done
         self._unchecked = 0
         self._active = True
@@ -206,7 +211,7 @@ class HRPCallback(keras.callbacks.Callback):
         # many optimizer updates. Count them exactly (a JAX state sync) only
         # once the bound reaches the preheat's length.
         self._unchecked += batch - self._begin + 1
-        target = min(self._next_check, self.max_preheat_steps) if self.auto else self.preheat_steps
+        target = min(self._next_check, self._limit) if self.auto else self.preheat_steps
         if self._done + self._unchecked // self._accumulation + 1 < target:
             return
         model = self.model
@@ -243,12 +248,20 @@ class HRPCallback(keras.callbacks.Callback):
                     warnings.warn(f"HRPCallback: the spectra were not written to {log_dir}: {error!r}",
                                   stacklevel=2)
 
+    def _planned_limit(self):
+        """A tenth of the updates this `fit` plans, at least `check_every`."""
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if not epochs or not steps:
+            return 100
+        return max(self.check_every, epochs * steps // self._accumulation // 10)
+
     def _reason(self, model):
         """Why the preheat ends now, or `None` while `"auto"` goes on."""
         if not self.auto:
             return f"preheat_steps={self.preheat_steps}"
-        if self._done >= self.max_preheat_steps:
-            return f"max_preheat_steps={self.max_preheat_steps} reached before the subspaces were stable"
+        if self._done >= self._limit:
+            return f"max_preheat_steps={self._limit} reached before the subspaces were stable"
         if not self._tracker.check(model, self._done):
             return None
         previous, last = self._tracker.checks[-2:]

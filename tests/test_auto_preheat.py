@@ -54,7 +54,7 @@ def test_tracker_is_stable_once_nothing_moves():
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
 def test_default_auto_preheat_switches_once_stable(jit_compile):
-    model, hrp, before = _fit(jit_compile=jit_compile, check_every=4, stable_degrees=20.0)
+    model, hrp, before = _fit(jit_compile=jit_compile, check_every=4, stable_degrees=20.0, max_preheat_steps=100)
     assert hrp.report.reason.startswith("stable")
     angles = [check.angle for check in hrp.report.checks]
     assert angles[0] is None and angles[-1] < 20.0 and all(a >= 20.0 for a in angles[1:-1])
@@ -77,3 +77,10 @@ def test_auto_preheat_errors():
         keras_hrp.HRPCallback(stable_degrees=90)
     with pytest.raises(ValueError, match="HRPCallback.*check_every=0"):
         keras_hrp.HRPCallback(check_every=0)
+
+
+def test_auto_preheat_limit_defaults_to_a_tenth_of_the_fit():
+    model, hrp, _ = _fit(epochs=10, check_every=3, stable_degrees=1e-6)  # 10 epochs of 8 steps
+    assert hrp.switch_step == 8
+    assert hrp.report.reason.startswith("max_preheat_steps=8 reached")
+    assert [check.step for check in hrp.report.checks] == [3, 6]
