@@ -1,11 +1,13 @@
 """How much of a LoRA step no LoRA path can change.
 
-For each of bench_speed.py's all-linear settings (`minilm:all`, `gemma:all`)
-interleaves three models: stock Keras LoRA on every linear layer, keras-hrp's
-fast passes on the same layers, and a "floor": LoRA rank 1 on the first
-block's query only, so the backward pass still runs through every block but
-no large weight gradient is formed. Prints each median step and its ratio to
-stock: a LoRA path can at best bring the step down to the floor.
+For each of bench_speed.py's settings interleaves four models: stock Keras
+LoRA on the setting's layers, keras-hrp's fast passes on the same layers with
+Keras' per-head factorization and with the standard one
+(`factorization="full"`: a smaller adapter on q/k/v at the same rank, as in
+PEFT), and a "floor": LoRA rank 1 on the first block's query only, so the
+backward pass still runs through every block but no large weight gradient is
+formed. Prints each median step and its ratio to stock: a LoRA path can at
+best bring the step down to the floor.
 
     KERAS_BACKEND=jax python benchmarks/bench_floor.py [--quick] [--settings minilm:all]
 """
@@ -22,6 +24,7 @@ import timing  # noqa: E402
 import keras_hrp  # noqa: E402
 
 FLOOR = "floor: rank 1 on the first block's query only"
+KINDS = ("stock", "keras-hrp", "keras-hrp, full")
 FIRST_QUERY = ".*(transformer_layer|decoder_block)_0/.*query"
 
 
@@ -31,10 +34,10 @@ def floor_model(setting, args):
 
 def main(argv=None):
     args = bench_speed.parse(argv)
-    for setting in (s for s in args.settings if s.endswith(":all")):
+    for setting in args.settings:
         steps, batch = 2, bench_speed.batch_size(setting, args)
         x, y = bench_speed.data(setting, args, batch * steps)
-        models = {kind: bench_speed.model(setting, kind, args) for kind in ("stock", "keras-hrp")}
+        models = {kind: bench_speed.model(setting, kind, args) for kind in KINDS}
         models[FLOOR] = floor_model(setting, args)
         fits = {kind: timing.fit_epoch(task, x, y, batch) for kind, task in models.items()}
         for fit in fits.values():

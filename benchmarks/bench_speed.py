@@ -101,8 +101,9 @@ def peft_step(setting, args):
 
 
 def model(setting, kind, args, rank=None, targets=None):
-    """A compiled task for `setting` with LoRA of `kind` ('stock', 'keras-hrp' or 'hrp'),
-    at `args.rank` on the setting's targets unless `rank` / `targets` say otherwise."""
+    """A compiled task for `setting` with LoRA of `kind` ('stock', 'keras-hrp', 'hrp', or
+    'keras-hrp, full': factorization 'full'), at `args.rank` on the setting's targets unless
+    `rank` / `targets` say otherwise."""
     if setting.startswith("gemma"):
         backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
@@ -114,7 +115,8 @@ def model(setting, kind, args, rank=None, targets=None):
         task.backbone.enable_lora(rank, target_layer_names=targets)
     else:
         preheat_rank = args.preheat_rank if kind == "hrp" else None
-        keras_hrp.enable_hrp(task, rank=rank, preheat_rank=preheat_rank, target_layer_names=targets)
+        keras_hrp.enable_hrp(task, rank=rank, preheat_rank=preheat_rank, target_layer_names=targets,
+                             factorization="full" if kind.endswith("full") else "per_head")
     task.compile(optimizer=keras.optimizers.Adam(1e-4),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return task

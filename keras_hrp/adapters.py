@@ -153,7 +153,15 @@ def _mismatches(model, items, owner):
                 "take the file's)"
             )
             continue
-        want_a, want_b = lora.a_shape_at_rank(layer, rank), lora.b_shape_at_rank(layer, rank)
+        factorization = "per_head" if state is None else state.factorization
+        if layer.lora_enabled and lora.factorization_of(layer) != factorization:
+            problems.append(
+                f"{layer_path}: file factorization '{factorization}', the layer uses "
+                f"'{lora.factorization_of(layer)}'"
+            )
+            continue
+        want_a = lora.a_shape_at_rank(layer, rank, factorization)
+        want_b = lora.b_shape_at_rank(layer, rank, factorization)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(
                 f"{layer_path}: file A{tuple(a.shape)} B{tuple(b.shape)}, "
@@ -202,7 +210,12 @@ def load_adapters(model, path):
         for layer, entry, state, a, b, extras in plan:
             rank = entry["rank"]
             if not layer.lora_enabled:
-                layer.enable_lora(rank, lora_alpha=entry["lora_alpha"])
+                if state is not None:
+                    layer.hrp_state = state  # first: it says how to factor the adapter
+                lora.enable_adapter(
+                    layer, rank, entry["lora_alpha"] / rank,
+                    trainable_a=state is None or state.variant != "asymmetric",
+                )
                 fast_lora.use_fast_lora(layer)
                 resized.append(layer)
             elif layer.lora_rank != rank:

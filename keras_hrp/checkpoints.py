@@ -138,7 +138,7 @@ def _restore_base(layer, entry, kept):
         return
     a, b = entry["A"], entry["B"]
     delta = entry["scale"] * (a.reshape(-1, b.shape[0]).astype("float64") @ b.astype("float64"))
-    delta = delta.reshape(merged.shape)
+    delta = lora.to_kernel(layer, delta)
     expected = dict((id(v), value) for v, value in kept)[id(base)].astype("float64") + delta
     tolerance = 1e-4 if merged.dtype.itemsize >= 4 else 3e-2
     if np.abs(merged - expected).max() <= tolerance * (1.0 + np.abs(expected).max()):
@@ -266,8 +266,15 @@ def _match(model, header, arrays, sidecar, owner):
             continue
         state = HRPState.from_dict(saved["state"], f"{owner}, layer '{saved['path']}'")
         a, b = arrays[f"layer{i}.A"], arrays[f"layer{i}.B"]
-        rank = state.current_rank
-        want_a, want_b = lora.a_shape_at_rank(layer, rank), lora.b_shape_at_rank(layer, rank)
+        rank, factorization = state.current_rank, state.factorization
+        if layer_state(layer) is not None and lora.factorization_of(layer) != factorization:
+            problems.append(
+                f"{saved['path']}: saved with factorization '{factorization}', the layer "
+                f"uses '{lora.factorization_of(layer)}'"
+            )
+            continue
+        want_a = lora.a_shape_at_rank(layer, rank, factorization)
+        want_b = lora.b_shape_at_rank(layer, rank, factorization)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             problems.append(
                 f"{saved['path']}: saved A{tuple(a.shape)} B{tuple(b.shape)}, "
@@ -306,16 +313,16 @@ def _prepare(model, header, entries):
     with internals.distribution_scope(model):
         for entry in entries:
             layer, state = entry["layer"], entry["state"]
+            layer.hrp_state = state  # first: it says how the adapter is factored
             if not layer.lora_enabled:
                 lora.enable_adapter(
                     layer, state.current_rank, state.scale,
                     trainable_a=state.variant != "asymmetric",
                 )
-                layer.hrp_state = state
                 fast_lora.use_fast_lora(layer)
                 guard(layer)
-            elif layer.lora_rank != state.current_rank:
-                lora.resize(layer, state.current_rank)
+            elif tuple(lora.lora_factors(layer)[0].shape) != lora.a_shape_at_rank(layer, state.current_rank):
+                lora.resize(layer, state.current_rank)  # another rank or factorization
                 changed = True
     if changed:
         internals.retrack_torch_params(

@@ -34,47 +34,51 @@ from keras_hrp import internals
 from keras_hrp import lora
 
 
-def lora_equations(equation):
+def lora_equations(equation, b_axes=None):
     """The two einsums of an unmerged EinsumDense adapter, or `None`.
 
-    For `inputs, kernel -> output` with the adapter on the kernel's last
-    axis `e` (`A`: the kernel's other axes and `r`; `B`: `(r, e)`), returns
-    `("inputs,kernel[:-1]r->output[e:=r]", "output[e:=r],re->output")`.
-    `None` when `e` is not an output axis only (no such adapter).
+    For `inputs, kernel -> output` with `B` on the kernel axes `b_axes`
+    (letters; default: the last, Keras' per-head layout) and `A` on the
+    others, returns `("inputs,A->low", "low,B->output")`: `low` is the
+    output with `b_axes` replaced by the rank axis. `None` when a `b_axes`
+    letter is not an output axis only (no such adapter).
 
     Example:
 
     >>> lora_equations("abc,cde->abde")
     ('abc,cdf->abdf', 'abdf,fe->abde')
+    >>> lora_equations("abc,cde->abde", b_axes="de")
+    ('abc,cf->abf', 'abf,fde->abde')
     """
     inputs, rest = equation.split(",")
     kernel, output = rest.split("->")
-    last = kernel[-1]
-    if last in inputs or output.count(last) != 1:
+    b_axes = kernel[-1] if b_axes is None else b_axes
+    if not b_axes or any(c in inputs or output.count(c) != 1 for c in b_axes):
         return None
     free = next(c for c in string.ascii_lowercase if c not in equation)
-    low = output.replace(last, free)
-    return f"{inputs},{kernel[:-1]}{free}->{low}", f"{low},{free}{last}->{output}"
+    a_axes = "".join(c for c in kernel if c not in b_axes)
+    low = "".join(free if c == b_axes[0] else c for c in output if c == b_axes[0] or c not in b_axes)
+    return f"{inputs},{a_axes}{free}->{low}", f"{low},{free}{b_axes}->{output}"
 
 
 @functools.cache  # read on every call of a layer (eagerly on torch)
-def gradient_equations(equation):
+def gradient_equations(equation, b_axes=None):
     """The einsums of an adapted einsum's factored passes, or `None`.
 
     Keys: `forward` (the equation), `low` (`x, A -> x A`), `up` (`x A, B ->
     delta`), `merge` (`A, B -> K`), `dx` (`dy, K -> dx`), `dx_low`
     (`dy B^T, A -> dx`), `g` (`dy, B -> dy B^T`), `da` (`x, g -> dA`),
-    `db` (`x A, dy -> dB`); `db_flat` / `da_plan`: whether / how `dB` / `dA`
-    are one 2-D product over the flattened tokens. `None` where an einsum
-    cannot express one (ellipses, an input axis summed away, no adapter
-    equations).
+    `db` (`x A, dy -> dB`); `db_flat`: how many trailing output axes `dB`
+    flattens into one 2-D product (0: none), `da_plan`: whether / how `dA`
+    is one. `None` where an einsum cannot express one (ellipses, an input
+    axis summed away, no adapter equations).
 
     Example:
 
     >>> gradient_equations("ab,bc->ac")["da"]
     'ab,ad->bd'
     """
-    lows = lora_equations(equation)
+    lows = lora_equations(equation, b_axes)
     if lows is None or "." in equation:
         return None
     inputs, rest = equation.split(",")
@@ -82,13 +86,14 @@ def gradient_equations(equation):
     if any(c not in output + kernel for c in inputs) or any(c not in inputs + output for c in kernel):
         return None
     low_eq, up_eq = lows
-    low = low_eq.split("->")[1]
-    r, e = up_eq.split(",")[1][:2]
-    return {"forward": equation, "low": low_eq, "up": up_eq, "merge": f"{kernel[:-1]}{r},{r}{e}->{kernel}",
-            "dx": f"{output},{kernel}->{inputs}", "dx_low": f"{low},{kernel[:-1]}{r}->{inputs}",
-            "g": f"{output},{r}{e}->{low}", "da": f"{inputs},{low}->{kernel[:-1]}{r}",
-            "db": f"{low},{output}->{r}{e}", "db_flat": output[-1] == e,
-            "da_plan": _flat_plan(inputs, low, f"{kernel[:-1]}{r}")}
+    a_factor, low = low_eq.split(",")[1].split("->")
+    b_factor = up_eq.split(",")[1].split("->")[0]
+    return {"forward": equation, "low": low_eq, "up": up_eq, "merge": f"{a_factor},{b_factor}->{kernel}",
+            "dx": f"{output},{kernel}->{inputs}", "dx_low": f"{low},{a_factor}->{inputs}",
+            "g": f"{output},{b_factor}->{low}", "da": f"{inputs},{low}->{a_factor}",
+            "db": f"{low},{output}->{b_factor}",
+            "db_flat": len(b_factor) - 1 if output.endswith(b_factor[1:]) else 0,
+            "da_plan": _flat_plan(inputs, low, a_factor)}
 
 
 def _flat_plan(inputs, low, factor):
@@ -169,22 +174,32 @@ def _factor_a_gradient(equations, x, g):
 def _factor_b_gradient(equations, x_a, dy):
     """`(x A)^T dy`, summed over every token axis.
 
-    As one 2-D product when `B`'s axis is the output's last (every KerasHub
+    As one 2-D product when `B`'s axes are the output's last (every KerasHub
     projection): given the einsum, XLA on CPU may lay `dy` out transposed and
     fuse that transpose into the op that produced `dy`, a strided pass that
     cost more than the layer's matmuls in a Gemma MLP.
     """
-    if not equations["db_flat"]:
+    flat = equations["db_flat"]
+    if not flat:
         return ops.einsum(equations["db"], x_a, dy)
+    columns = tuple(dy.shape[-flat:])
     x_a = ops.reshape(x_a, (-1, x_a.shape[-1]))
-    return ops.matmul(ops.transpose(x_a), ops.reshape(dy, (-1, dy.shape[-1])))
+    db = ops.matmul(ops.transpose(x_a), ops.reshape(dy, (-1, math.prod(columns))))
+    return ops.reshape(db, (x_a.shape[-1],) + columns)
 
 
-def _operands(layer, dtype):
+def _b_axes(layer, kernel):
+    """The letters of `kernel` on the layer's `B` side."""
+    return "".join(kernel[i] for i in lora.factor_axes(layer)[1])
+
+
+def _operands(layer, dtype, b_axes_shape):
     """The frozen weight and `(A, B)` as tensors in the compute dtype (the
     factors are float32 variables; some backends' einsum and matmul refuse
-    mixed dtypes, and none should promote the layer)."""
-    return tuple(ops.cast(v, dtype) for v in (internals.base_weight(layer), *lora.lora_factors(layer)))
+    mixed dtypes, and none should promote the layer); `B` in the shape
+    `(rank,) + b_axes_shape` its einsums use."""
+    w, a, b = (ops.cast(v, dtype) for v in (internals.base_weight(layer), *lora.lora_factors(layer)))
+    return w, a, ops.reshape(b, (b.shape[0],) + b_axes_shape)
 
 
 def _scale(layer):
@@ -202,13 +217,15 @@ def _finish(layer, x):
 def adapted_einsum(layer, inputs, equation):
     """`einsum(equation, inputs, W + s A @ B)` of `layer`, the adapter's
     gradients from its factors, without bias or activation."""
-    w, a, b = _operands(layer, inputs.dtype)
-    gradients = gradient_equations(equation)
     input_axes, kernel_axes = equation.split("->")[0].split(",")
+    b_axes = _b_axes(layer, kernel_axes)
+    shape = lora.kernel_shape(layer)
+    w, a, b = _operands(layer, inputs.dtype, tuple(shape[kernel_axes.index(c)] for c in b_axes))
+    gradients = gradient_equations(equation, b_axes)
     contracted = [c in input_axes for c in kernel_axes]
     merged = gradients is not None and prefers_merged(layer, tuple(inputs.shape), w.shape, contracted)
     if gradients is None or internals.base_weight(layer).trainable:
-        low_eq, up_eq = lora_equations(equation)  # autodiff (the base weight's gradient too)
+        low_eq, up_eq = lora_equations(equation, b_axes)  # autodiff (the base weight's gradient too)
         delta = ops.multiply(ops.einsum(up_eq, ops.einsum(low_eq, inputs, a), b), _scale(layer))
         return ops.add(ops.einsum(equation, inputs, w), delta)
     return lora_with_factored_gradient(gradients, _scale(layer), merged)(inputs, w, a, b)
@@ -231,8 +248,8 @@ def dense_call(layer, inputs):
 
 
 def einsum_dense_call(layer, inputs):
-    """`EinsumDense.call`, the adapter's gradients from its factors (its
-    kernel's last axis must be an output axis: see `lora_equations`)."""
+    """`EinsumDense.call`, the adapter's gradients from its factors (the
+    kernel axes of `B` must be output axes: see `lora_equations`)."""
     return _finish(layer, adapted_einsum(layer, inputs, layer.equation))
 
 
@@ -251,7 +268,8 @@ def _call_for(layer):
     if type(layer) is keras.layers.Embedding:  # subclasses (ReversibleEmbedding) differ
         return lambda inputs: embedding_call(layer, inputs)
     if isinstance(layer, keras.layers.EinsumDense):
-        if lora_equations(layer.equation) is None:
+        kernel = layer.equation.split("->")[0].split(",")[1]
+        if lora_equations(layer.equation, _b_axes(layer, kernel)) is None:
             return None
         return lambda inputs: einsum_dense_call(layer, inputs)
     if isinstance(layer, keras.layers.Dense):
@@ -272,6 +290,12 @@ def use_fast_lora(layer):
 
     def wrapper(original):
         def call(inputs, *args, **kwargs):
+            if layer.lora_enabled and layer.quantization_mode is not None and internals.overrides_kernel(layer):
+                raise ValueError(
+                    f"Layer '{layer.path}': a 'full' factorization adapter needs a float kernel "
+                    "(Keras' quantized LoRA computes per head). Received: "
+                    f"quantization_mode={layer.quantization_mode!r}"
+                )
             if not layer.lora_enabled or layer.quantization_mode is not None:
                 return original(inputs, *args, **kwargs)
             return fast(inputs)

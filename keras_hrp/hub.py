@@ -60,9 +60,34 @@ def _targets(model, scope, target_layer_names):
     return targets
 
 
-def _preheat_rank_for(layer, rank, preheat_rank):
+def _check_factorization(layer, factorization):
+    """Refuses a 'full' adapter where it would differ from Keras' layout and
+    cannot be computed (a quantized kernel, an axis neither contracted nor out)."""
+    if factorization != "full" or not isinstance(layer, keras.layers.EinsumDense):
+        return
+    full = lora.factor_axes(layer, "full")
+    if full == lora.factor_axes(layer, "per_head"):
+        return
+    if layer.quantization_mode is not None:
+        settings.fail(
+            OWNER,
+            f"layer '{layer.path}' is quantized; factorization 'full' needs a float kernel "
+            "(Keras' quantized LoRA computes per head)",
+            quantization_mode=layer.quantization_mode,
+        )
+    kernel = layer.equation.split("->")[0].split(",")[1]
+    if fast_lora.lora_equations(layer.equation, "".join(kernel[i] for i in full[1])) is None:
+        settings.fail(
+            OWNER,
+            f"layer '{layer.path}' cannot take a 'full' adapter: its kernel axes are not "
+            "each either contracted or an output axis",
+            equation=layer.equation,
+        )
+
+
+def _preheat_rank_for(layer, rank, preheat_rank, factorization):
     """The layer's preheat rank (`None`: plain LoRA), capped at its useful rank."""
-    limit = lora.max_useful_rank(layer)
+    limit = lora.max_useful_rank(layer, factorization)
     if preheat_rank is None:
         if rank > limit:
             settings.fail(OWNER, f"layer '{layer.path}' has LoRA rank at most {limit}", rank=rank)
@@ -77,18 +102,29 @@ def _preheat_rank_for(layer, rank, preheat_rank):
     if preheat_rank > limit:
         warnings.warn(
             f"enable_hrp: layer '{layer.path}' can use LoRA rank {limit} at most "
-            f"({type(layer).__name__} weight as a {lora.weight_matrix_shape(layer)} "
+            f"({type(layer).__name__} weight as a "
+            f"{lora.weight_matrix_shape(layer, factorization)} "
             f"matrix); it preheats at rank {limit} instead of {preheat_rank}.",
             stacklevel=3,
         )
     return min(preheat_rank, limit)
 
 
-def _refuse_in_preheat(backbone, name):
-    """KerasHub's LoRA files hold one rank: refuse them while layers preheat."""
+def _guard_keras_hub_file(backbone, name):
+    """KerasHub's LoRA files hold one rank and Keras' per-head factors:
+    refuse them while layers preheat, where a layer is factored 'full' or
+    where ranks differ (`auto_rank`)."""
 
     def make(original):
         def method(*args, **kwargs):
+            full = [layer.path for layer in hrp_layers(backbone) if internals.overrides_kernel(layer)]
+            if full:
+                settings.fail(
+                    f"{name} of '{backbone.name}'",
+                    "these layers use factorization 'full', and KerasHub's LoRA files hold "
+                    "Keras' per-head factors. Use keras_hrp.save_adapters / load_adapters",
+                    full=full,
+                )
             preheating = [layer.path for layer in hrp_layers(backbone, phase="preheat")]
             if preheating:
                 settings.fail(
@@ -98,6 +134,16 @@ def _refuse_in_preheat(backbone, name):
                     "use keras_hrp.save_adapters / load_adapters (any phase)",
                     preheating=preheating,
                 )
+            ranks = {layer.path: layer.lora_rank for layer in hrp_layers(backbone)}
+            if len(set(ranks.values())) > 1:
+                settings.fail(
+                    f"{name} of '{backbone.name}'",
+                    "HRP layers have different ranks (auto_rank), and KerasHub's LoRA files "
+                    "hold one rank. Use keras_hrp.save_adapters / load_adapters",
+                    ranks=ranks,
+                )
+            if ranks and name == "save_lora_weights":  # the rank the file records
+                internals.set_keras_hub_lora_index(backbone, hrp_layers(backbone), min(ranks.values()))
             return original(*args, **kwargs)
 
         return method
@@ -112,6 +158,8 @@ def enable_hrp(
     target_layer_names=None,
     lora_alpha=None,
     variant="classic",
+    factorization="per_head",
+    auto_rank=False,
 ):
     """Adds High-Rank Preheating LoRA adapters to a built Keras model.
 
@@ -127,11 +175,14 @@ def enable_hrp(
     `keras_hrp.fast_lora`): no gradient the size of `W`, the same outputs
     and gradients as Keras' merged kernel.
 
-    Supported layers: `Dense`, `EinsumDense` (multi-axis kernels: the
-    adapter adapts the kernel as a `(prod(shape[:-1]), shape[-1])` matrix,
-    so attention projections preheat at most at head_dim; larger
-    `preheat_rank`s are capped there with a warning) and `Embedding` /
-    `ReversibleEmbedding`.
+    Supported layers: `Dense`, `EinsumDense` and `Embedding` /
+    `ReversibleEmbedding`. An `EinsumDense` kernel is factored as
+    `factorization` says (see `keras_hrp.lora.factor_axes`): `"per_head"`
+    is Keras' own layout (the kernel as a `(prod(shape[:-1]), shape[-1])`
+    matrix, so attention projections reach rank head_dim at most; larger
+    `preheat_rank`s are capped there with a warning), `"full"` is standard
+    LoRA (contracted axes -> `r` -> every output axis: PEFT's rank and
+    parameter count, preheat ranks up to the hidden size).
 
     Args:
         model: a built Keras model, e.g. a KerasHub `Backbone` or `Task`.
@@ -144,6 +195,14 @@ def enable_hrp(
         lora_alpha: the delta is `(lora_alpha / rank) * A @ B` in both
             phases; `None` means scale 1 (KerasHub's default).
         variant: `"classic"` or `"asymmetric"` (`A` frozen in both phases).
+        factorization: `"per_head"` or `"full"` (float kernels only;
+            KerasHub's `save_lora_weights` refuses it, `save_adapters`
+            records it).
+        auto_rank: with a preheat, the switch gives each layer its own rank
+            from its preheated spectrum (at least 1, below its preheat
+            rank), spending the trainable parameters that `rank` on every
+            layer would (see `keras_hrp.rank_allocation`). KerasHub's
+            `save_lora_weights` then refuses unequal ranks.
 
     Returns:
         The list of HRP-managed layers.
@@ -167,12 +226,18 @@ def enable_hrp(
             f"model '{model.name}' already has HRP layers; enable_hrp runs once",
             hrp_layers=[layer.path for layer in hrp_layers(model)],
         )
+    factorization = settings.choice(OWNER, "factorization", factorization, settings.FACTORIZATIONS)
+    if settings.boolean(OWNER, "auto_rank", auto_rank) and preheat_rank is None:
+        settings.fail(OWNER, "`auto_rank` chooses ranks from a preheat: give `preheat_rank`",
+                      auto_rank=auto_rank, preheat_rank=preheat_rank)
     scope = _freeze_scope(model)
     targets = _targets(model, scope, target_layer_names)
+    for layer in targets:
+        _check_factorization(layer, factorization)
     already = [layer.path for layer in targets if layer.lora_enabled]
     if already:
         settings.fail(OWNER, "these target layers already have LoRA", layers=already)
-    ranks = [_preheat_rank_for(layer, rank, preheat_rank) for layer in targets]
+    ranks = [_preheat_rank_for(layer, rank, preheat_rank, factorization) for layer in targets]
     scale = 1.0 if lora_alpha is None else lora_alpha / rank
 
     scope.trainable = True
@@ -183,14 +248,16 @@ def enable_hrp(
         layer.hrp_state = HRPState(
             rank=rank, preheat_rank=layer_rank, variant=variant,
             phase="main" if layer_rank is None else "preheat", scale=scale,
+            factorization=factorization, auto_rank=bool(auto_rank),
         )
         lora.enable_adapter(
             layer, layer.hrp_state.current_rank, scale, trainable_a=variant != "asymmetric"
         )
         fast_lora.use_fast_lora(layer)
+    internals.retrack_torch_params(model, [v for layer in targets for v in lora.lora_factors(layer)])
     checkpoints.attach(model)
     if hasattr(scope, "save_lora_weights"):  # a KerasHub backbone
         internals.set_keras_hub_lora_index(scope, targets, rank)
-        _refuse_in_preheat(scope, "save_lora_weights")
-        _refuse_in_preheat(scope, "load_lora_weights")
+        _guard_keras_hub_file(scope, "save_lora_weights")
+        _guard_keras_hub_file(scope, "load_lora_weights")
     return targets

@@ -66,8 +66,8 @@ def _gradients(model_or_layers, layers, data, loss):
 
 
 def _contracted_axes(layer):
-    """`(input axes the weight contracts, in A's order; A's axes that are
-    output axes only)` of a Dense / EinsumDense layer, input axes by
+    """`(input axes the weight contracts, in A's order; positions of A's
+    axes that are output axes only)` of a Dense / EinsumDense layer, input axes by
     position. EVA's directions live on the first, repeat along the second."""
     if isinstance(layer, keras.layers.Embedding):
         settings.fail(OWNER, f"method 'eva' needs a Dense or EinsumDense layer; '{layer.path}' is an "
@@ -81,8 +81,9 @@ def _contracted_axes(layer):
         settings.fail(OWNER, f"method 'eva' cannot read the inputs of layer '{layer.path}' as tokens x "
                       "features (an axis is in its input, kernel and output, or an ellipsis)",
                       equation=layer.equation)
-    return [inputs.index(c) for c in kernel[:-1] if c in inputs], tuple(
-        i for i, c in enumerate(kernel[:-1]) if c not in inputs)
+    a_axes = [kernel[i] for i in lora.factor_axes(layer)[0]]
+    return [inputs.index(c) for c in a_axes if c in inputs], tuple(
+        i for i, c in enumerate(a_axes) if c not in inputs)
 
 
 def _input_grams(model, layers, data):
@@ -130,7 +131,10 @@ def _target(targets, layer, shape):
             f"true update of that layer. Received: targets keys="
             f"{None if targets is None else sorted(targets)}"
         )
-    return ops.reshape(ops.convert_to_tensor(targets[layer.path], "float32"), shape)
+    target = ops.convert_to_tensor(targets[layer.path], "float32")
+    if tuple(target.shape) == lora.kernel_shape(layer):
+        return lora.to_matrix(layer, target)
+    return ops.reshape(target, shape)
 
 
 def initialize_lora(
@@ -165,7 +169,8 @@ def initialize_lora(
         loss: `"lora_ga"` only: `loss(y_true, y_pred)`; defaults to the
             compiled model's loss.
         targets: `"oracle"` only: `{layer path: true update}`, each shaped
-            like the layer's weight (or its `(m, n)` matrix).
+            like the layer's weight (or its `(m, n)` matrix, see
+            `keras_hrp.lora.to_matrix`).
         svd: `"auto"`, `"full"` or `"randomized"` (see
             `keras_hrp.linalg.truncated_svd`), for PiSSA and LoRA-GA.
 
@@ -192,7 +197,7 @@ def initialize_lora(
         a_var, b_var = lora.lora_factors(layer)
         base = _base_weight(layer)
         shape, rank, scale = lora.weight_matrix_shape(layer), layer.lora_rank, lora.lora_scale(layer)
-        w = ops.reshape(ops.cast(base, "float32"), shape)
+        w = lora.to_matrix(layer, ops.cast(base, "float32"))
         if method == "keras":
             a = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)((shape[0], rank), "float32")
             b, residual = ops.zeros((rank, shape[1])), None
@@ -201,7 +206,7 @@ def initialize_lora(
         elif method == "pissa":
             a, b, residual = baselines.pissa(w, rank, scale, svd=svd)
         elif method == "lora_ga":
-            grad = ops.reshape(grads[layer.path], shape)
+            grad = lora.to_matrix(layer, ops.convert_to_tensor(grads[layer.path], "float32"))
             a, b, residual = baselines.lora_ga(w, grad, rank, scale, svd=svd)
         elif method == "eva":
             a = ops.reshape(_eva_a(layer, grams[layer.path], tuple(a_var.shape)), (shape[0], rank))
@@ -214,5 +219,5 @@ def initialize_lora(
         a_var.assign(ops.reshape(a, a_var.shape))
         b_var.assign(b)
         if residual is not None:
-            base.assign(ops.cast(ops.reshape(residual, base.shape), base.dtype))
+            base.assign(ops.cast(lora.to_kernel(layer, residual), base.dtype))
     return [layer.path for layer in layers]

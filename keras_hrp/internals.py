@@ -148,6 +148,38 @@ def set_keras_hub_lora_index(backbone, targets, rank):
     backbone._lora_rank = rank
 
 
+@functools.cache
+def _with_kernel(cls, merge):
+    """`cls` with its `kernel` property computed by `merge(layer)`, and
+    `__class__` still answering `cls` (what Keras' saving names)."""
+    return type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__class__": property(lambda self: cls),
+        "kernel": property(lambda self: merge(self) if self.lora_enabled else cls.kernel.fget(self)),
+    })
+
+
+def use_kernel_property(layer, merge):
+    """Makes `layer.kernel` return `merge(layer)` while LoRA is enabled.
+
+    Keras' `kernel` property adds `matmul(lora_kernel_a, lora_kernel_b)`,
+    which fits only its own factor shapes, and a property cannot be replaced
+    on one instance: the instance's type becomes a subclass that overrides
+    `kernel` and nothing else. `layer.__class__` (what `isinstance` and
+    Keras' serialization read) still answers the Keras class, so `.keras`
+    files name the stock layer and load without keras-hrp.
+    """
+    cls = layer.__class__
+    if type(layer) is cls:
+        object.__setattr__(layer, "__class__", _with_kernel(cls, merge))
+
+
+def overrides_kernel(layer):
+    """Whether `use_kernel_property` changed `layer`."""
+    return type(layer) is not layer.__class__
+
+
 def wrap_method(owner, name, make_wrapper):
     """Replaces `owner.<name>` on this instance by `make_wrapper(original)`.
 

@@ -15,6 +15,10 @@ import numpy as np
 
 VARIANTS = ("classic", "asymmetric")
 PHASES = ("preheat", "main")
+# How an EinsumDense adapter factors its kernel: Keras' own (A keeps every
+# kernel axis but the last, e.g. one A per attention head) or standard LoRA
+# (A on the contracted input axes, B on every output axis).
+FACTORIZATIONS = ("per_head", "full")
 # How the main-rank adapter starts: the paper's reading (top directions into
 # A, B = 0) or the preheated delta truncated to rank r.
 SWITCH_INITS = ("directions", "truncated_delta")

@@ -29,6 +29,10 @@ class HRPState:
         scale: the factor on `A @ B` in both phases (`lora_alpha / rank`).
         preheat_updates: optimizer updates applied during the preheat so far
             (its total once the layer is in its main phase).
+        factorization: `"per_head"` (Keras' layout) or `"full"` (standard
+            LoRA over an EinsumDense kernel; see `keras_hrp.lora.factor_axes`).
+        auto_rank: whether the switch chooses `rank` from the preheated
+            spectrum (`rank` is the budget's mean rank until then).
     """
 
     rank: int
@@ -37,6 +41,8 @@ class HRPState:
     phase: str = "preheat"
     scale: float = 1.0
     preheat_updates: int = 0
+    factorization: str = "per_head"
+    auto_rank: bool = False
 
     @property
     def current_rank(self):
@@ -66,6 +72,11 @@ class HRPState:
             preheat_updates=settings.integer(
                 owner, "preheat_updates", config.get("preheat_updates", 0), minimum=0
             ),
+            factorization=settings.choice(
+                owner, "factorization", config.get("factorization", "per_head"),
+                settings.FACTORIZATIONS,
+            ),
+            auto_rank=settings.boolean(owner, "auto_rank", config.get("auto_rank", False)),
         )
 
 

@@ -19,6 +19,8 @@ from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
 from keras_hrp import spectra
+from keras_hrp.linalg import svd_of_product
+from keras_hrp.rank_allocation import allocate_ranks
 from keras_hrp.initializers import expected_norm
 from keras_hrp.initializers import preheated_a
 from keras_hrp.initializers import preheated_factors
@@ -201,6 +203,30 @@ def _switch_layer(layer, init):
     return LayerSwitch(s, np.nan if energy is None else energy, from_rank, rank, fallback)
 
 
+def _allocate_ranks(layers):
+    """Sets each `auto_rank` layer's main rank from its preheated spectrum,
+    within the parameters its nominal ranks would train (see
+    `keras_hrp.rank_allocation`). A layer without a finite spectrum keeps
+    its nominal rank (and falls back in `_switch_layer`)."""
+    chosen, spectra_, costs, tops, budget = [], [], [], [], 0
+    for layer in layers:
+        a, b = lora.factor_matrices(layer)
+        try:
+            s = ops.convert_to_numpy(svd_of_product(a, b)[1])
+        except Exception:  # reported by the layer's own switch
+            s = np.array([np.nan])
+        if not np.all(np.isfinite(s)):
+            continue
+        state, cost = layer.hrp_state, a.shape[0] + b.shape[1]
+        chosen.append(layer)
+        spectra_.append(s)
+        costs.append(cost)
+        tops.append(min(state.preheat_rank - 1, a.shape[0], b.shape[1]))
+        budget += state.rank * cost
+    for layer, rank in zip(chosen, allocate_ranks(spectra_, costs, budget, tops)):
+        layer.hrp_state.rank = rank
+
+
 def _warmed_up(optimizer, warmup_steps):
     base = internals.base_learning_rate(optimizer)
     if isinstance(base, keras.Variable):
@@ -244,7 +270,10 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
     approximation of the preheated delta instead. The adapter variables are
     re-created at rank `rank`, under the model's distribution strategy. A
     layer whose delta is not finite (or whose SVD fails) falls back to a
-    random init, with a warning. Then `snapshot` (if given) is restored, the
+    random init, with a warning. Layers set up with `auto_rank` first get
+    their ranks from their preheated spectra, within the trainable
+    parameters of their nominal ranks (`keras_hrp.rank_allocation`). Then
+    `snapshot` (if given) is restored, the
     optimizer is replaced by a fresh one and every compiled function
     (train, test, predict, KerasHub's generate) is rebuilt. Use it in custom
     training loops; `HRPCallback` calls it inside `fit`. Singular vectors
@@ -286,6 +315,7 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
         )
     run_state(model).count_updates(model)
     report = SwitchReport()
+    _allocate_ranks([layer for layer in layers if layer.hrp_state.auto_rank])
     with internals.distribution_scope(model):
         for layer in layers:
             report[layer.path] = _switch_layer(layer, init)

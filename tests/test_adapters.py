@@ -184,3 +184,18 @@ def test_load_into_a_preheating_model_adopts_the_rank_and_main_phase(trained):
         fresh.fit(x, x[:, 0] % 3, batch_size=16, epochs=1, verbose=0,
                   callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     assert all(layer.lora_rank == 2 for layer in keras_hrp.hrp_layers(fresh))
+
+
+def test_files_record_the_factorization(tmp_path):
+    model = tiny_model()
+    keras_hrp.enable_hrp(model, rank=2, target_layer_names=["query"], factorization="full")
+    path = str(tmp_path / "full.npz")
+    keras_hrp.save_adapters(model, path)
+    per_head = tiny_model()
+    keras_hrp.enable_hrp(per_head, rank=2, target_layer_names=["query"])
+    with pytest.raises(ValueError, match="mha/query: file factorization 'full', the layer uses 'per_head'"):
+        keras_hrp.load_adapters(per_head, path)
+    fresh = tiny_model()
+    keras_hrp.load_adapters(fresh, path)
+    query = fresh.get_layer("mha").query_dense
+    assert query.hrp_state.factorization == "full" and tuple(query.lora_kernel_a.shape) == (32, 2)

@@ -152,20 +152,20 @@ def _copy(source, target):
         out.write(stream.read())
 
 
-def test_files_still_load_in_stock_keras_and_keras_hub(saved):
-    folder, files = saved["folder"], saved["files"]
-    assert all(os.path.exists(files[name] + ".hrp.npz") for name in ("m.keras", "m.weights.h5"))
-    np.savez(os.path.join(folder, "x.npz"), **saved["x"])
-    np.save(os.path.join(folder, "expected.npy"), saved["expected"])
+def _loads_in_stock_keras(folder, keras_file, weights_file, x, expected):
+    """Loads the files in a new process that never imports keras-hrp and
+    compares its predictions with `expected`."""
+    np.savez(os.path.join(folder, "x.npz"), **x)
+    np.save(os.path.join(folder, "expected.npy"), expected)
     script = textwrap.dedent(f"""
         import sys
         import keras, keras_hub, numpy as np
         x = dict(np.load({os.path.join(folder, "x.npz")!r}))
         expected = np.load({os.path.join(folder, "expected.npy")!r})
-        stock = keras.saving.load_model({files["m.keras"]!r})
+        stock = keras.saving.load_model({keras_file!r})
         np.testing.assert_allclose(stock.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
-        fresh = keras.saving.load_model({files["m.keras"]!r})
-        fresh.load_weights({files["m.weights.h5"]!r})
+        fresh = keras.saving.load_model({keras_file!r})
+        fresh.load_weights({weights_file!r})
         np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
         assert "keras_hrp" not in sys.modules
         print("stock ok")
@@ -173,6 +173,33 @@ def test_files_still_load_in_stock_keras_and_keras_hub(saved):
     env = {**os.environ, "KERAS_BACKEND": BACKEND, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "stock ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_files_still_load_in_stock_keras_and_keras_hub(saved):
+    files = saved["files"]
+    assert all(os.path.exists(files[name] + ".hrp.npz") for name in ("m.keras", "m.weights.h5"))
+    _loads_in_stock_keras(saved["folder"], files["m.keras"], files["m.weights.h5"], saved["x"], saved["expected"])
+
+
+def test_full_factorization_files_load_in_stock_keras_and_back(tmp_path):
+    from tests.helpers import bert_classifier
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model, x, y, loss = bert_classifier(dropout=0.0)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full")
+    model.compile(keras.optimizers.Adam(3e-3), loss=loss)
+    keras.Model.fit(model, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    expected = model.predict(x, verbose=0)
+    keras_file, weights_file = str(tmp_path / "m.keras"), str(tmp_path / "m.weights.h5")
+    model.save(keras_file)
+    model.save_weights(weights_file)
+    _loads_in_stock_keras(str(tmp_path), keras_file, weights_file, x, expected)
+    restored = keras_hrp.load_model(keras_file)
+    layers = keras_hrp.hrp_layers(restored)
+    assert layers and all(layer.hrp_state.factorization == "full" and layer.lora_rank == 2 for layer in layers)
+    assert all(tuple(layer.lora_kernel_a.shape) == (16, 2) for layer in layers)  # hidden 16 -> r
+    np.testing.assert_allclose(restored.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_load_model_restores_lora_state_and_freezing(saved):

@@ -1,5 +1,7 @@
 """keras-hrp's LoRA passes equal Keras' merged ones, per layer type, form and backend."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import fast_lora
+from keras_hrp.state import HRPState
 from tests.helpers import JIT_MODES
 from tests.helpers import numpy_of
 
@@ -188,13 +191,68 @@ def test_gradient_equations():
     assert fast_lora.gradient_equations("abc,cde->abde") == {
         "forward": "abc,cde->abde", "low": "abc,cdf->abdf", "up": "abdf,fe->abde", "merge": "cdf,fe->cde",
         "dx": "abde,cde->abc", "dx_low": "abdf,cdf->abc", "g": "abde,fe->abdf", "da": "abc,abdf->cdf",
-        "db": "abdf,abde->fe", "db_flat": True,
+        "db": "abdf,abde->fe", "db_flat": 1,
         "da_plan": (2, (2, 0, 1))}  # dA^T as (d, f, c) from 2 token axes, then (c, d, f)
     assert fast_lora.gradient_equations("btnh,nhd->btd")["da_plan"] == (2, (1, 2, 0))
     assert not fast_lora.gradient_equations("abc,cd->adb")["db_flat"]  # B's axis is not the last
     assert fast_lora.gradient_equations("abc,bcd->abd")["da_plan"] is None  # b: in x, A and the output
     assert fast_lora.gradient_equations("...b,bc->...c") is None  # ellipses: autodiff
     assert fast_lora.gradient_equations("abc,dc->abd") is None  # no adapter equations
+    full = fast_lora.gradient_equations("btd,ndh->btnh", "nh")  # Gemma's query, factorization 'full'
+    assert (full["low"], full["up"], full["merge"]) == ("btd,da->bta", "bta,anh->btnh", "da,anh->ndh")
+    assert full["db_flat"] == 2 and full["da_plan"] == (2, (1, 0))
+
+
+FULL_FORMS = [("abc,cde->abde", (5, 12), (5, 3, 4)),  # BERT's query: A (12, r), B (r, 3 * 4)
+              ("btd,ndh->btnh", (5, 12), (5, 3, 4)),  # Gemma's query: the heads axis leads the kernel
+              ("abc,cd->adb", (5, 12), (10, 5))]  # B's axis is not the output's last
+
+
+def _full_adapter(layer, rank=3, scale=0.5, seed=0):
+    layer.hrp_state = HRPState(rank=rank, phase="main", scale=scale, factorization="full")
+    lora.enable_adapter(layer, rank, scale)
+    rng = np.random.default_rng(seed)
+    for variable in lora.lora_factors(layer):
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+@pytest.mark.parametrize("batch", [1, 16], ids=["few-tokens-unmerged", "many-tokens-merged"])
+@pytest.mark.parametrize("equation,in_shape,out_shape", FULL_FORMS)
+def test_full_factorization_trains_like_its_merged_kernel(equation, in_shape, out_shape, batch, jit_compile):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, *in_shape)).astype("float32")
+    y = rng.normal(size=(32, *out_shape)).astype("float32")
+    results = []
+    for fast in (False, True):  # Keras' call on the merged `kernel` (autodiff), then the factored one
+        keras.utils.set_random_seed(0)
+        layer = keras.layers.EinsumDense(equation, out_shape, bias_axes=equation.split("->")[1][-1])
+        inputs = keras.Input(in_shape)
+        model = keras.Model(inputs, layer(keras.layers.Dense(in_shape[-1])(inputs)))
+        _full_adapter(layer)
+        a, b = lora.lora_factors(layer)
+        assert tuple(a.shape) == (12, 3) and tuple(b.shape) == (3, math.prod(out_shape) // 5)
+        if fast:
+            assert fast_lora.use_fast_lora(layer)
+        model.compile(keras.optimizers.SGD(0.02), "mse", jit_compile=jit_compile)
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        results.append([numpy_of(v) for v in model.trainable_variables] + [numpy_of(model(x))])
+    assert len(results[0]) == 6  # Dense: 2, the layer: bias, A, B; the output
+    for merged, ours in zip(*results):
+        np.testing.assert_allclose(ours, merged, rtol=2e-4, atol=2e-5)
+
+
+def test_full_factorization_kernel_is_the_merged_weight():
+    layer = keras.layers.EinsumDense("btd,ndh->btnh", (5, 3, 4))
+    layer.build((None, 5, 12))
+    _full_adapter(layer, scale=2.0)
+    a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+    w = numpy_of(internals.base_weight(layer))  # (heads, hidden, head_dim)
+    expected = w + 2.0 * (a @ b).reshape(12, 3, 4).transpose(1, 0, 2)
+    np.testing.assert_allclose(numpy_of(layer.kernel), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(layer, keras.layers.EinsumDense) and layer.__class__ is keras.layers.EinsumDense
+    config = keras.saving.serialize_keras_object(layer)
+    assert (config["module"], config["class_name"]) == ("keras.layers", "EinsumDense")
 
 
 def _reference(layer, x):

@@ -157,3 +157,103 @@ def test_load_weights_without_state_file_merges_and_says_so(tmp_path):
     for layer in keras_hrp.hrp_layers(model):
         a, b = (numpy_of(v) for v in lora.lora_factors(layer))
         assert np.abs(a).max() > 0 and not np.any(b)  # B gets gradients again
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES)
+def test_full_factorization_preheats_above_head_dim_and_switches(jit_compile):
+    x, y = _data()
+    model = _attention_model()  # 2 heads of 8: per head, query's rank stops at 8
+    layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full")
+    query = model.get_layer("mha").query_dense
+    assert {layer.hrp_state.factorization for layer in layers} == {"full"} and query.lora_rank == 12
+    assert tuple(query.lora_kernel_a.shape) == (32, 12) and tuple(query.lora_kernel_b.shape) == (12, 16)
+    model.get_layer("head").trainable = True
+    model.compile(keras.optimizers.Adam(2e-3), logits_loss(), jit_compile=jit_compile)
+    before = model.predict(x, verbose=0)
+    snapshot = keras_hrp.WeightSnapshot(model)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    deltas = {}
+    for layer in layers:
+        a, b = (numpy_of(m) for m in lora.factor_matrices(layer))
+        deltas[layer.path] = a @ b
+        merged = numpy_of(internals.base_weight(layer)) + lora.to_kernel(layer, a @ b)
+        np.testing.assert_allclose(numpy_of(layer.kernel), merged, rtol=1e-5, atol=1e-6)
+    report = keras_hrp.switch_to_main(model, snapshot)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+    assert not report.fallbacks and report["mha/query"].from_rank == 12
+    for layer in layers:
+        a, b = (numpy_of(v) for v in lora.lora_factors(layer))
+        assert a.shape == (32, 2) and b.shape == (2, 16) and not np.any(b)
+        u, _, _ = np.linalg.svd(deltas[layer.path], full_matrices=False)
+        assert principal_angle_cos(a, u[:, :2]) > 0.999
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_full_factorization_weights_round_trip(tmp_path):
+    x, y = _data()
+    model = _attention_model()
+    base = [numpy_of(v) for v in model.weights]
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full")
+    model.compile("adam", logits_loss())
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    before = model.predict(x, verbose=0)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    fresh = _attention_model()
+    fresh.set_weights(base)
+    keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=12, factorization="full")
+    fresh.compile("adam", logits_loss())
+    fresh.load_weights(path)
+    query = fresh.get_layer("mha").query_dense
+    assert query.hrp_state.phase == "main" and tuple(query.lora_kernel_a.shape) == (32, 2)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+    frozen = {layer.path: numpy_of(internals.base_weight(layer)) for layer in keras_hrp.hrp_layers(model)}
+    for layer in keras_hrp.hrp_layers(fresh):  # the frozen weights, exactly
+        np.testing.assert_array_equal(numpy_of(internals.base_weight(layer)), frozen[layer.path])
+    other = _attention_model()
+    keras_hrp.enable_hrp(other, rank=2, preheat_rank=8)  # per head
+    other.compile("adam", logits_loss())
+    with pytest.raises(ValueError, match="mha/query: saved with factorization 'full', the layer uses 'per_head'"):
+        other.load_weights(path)
+
+
+def test_full_factorization_errors():
+    model = _attention_model()
+    with pytest.raises(ValueError, match="enable_hrp: `factorization` must be one of .*factorization='heads'"):
+        keras_hrp.enable_hrp(model, 2, 4, factorization="heads")
+    with pytest.raises(ValueError, match="'mha/(query|value)' has LoRA rank at most 16.*rank=16"):
+        keras_hrp.enable_hrp(model, 16, 20, factorization="full")
+    model.get_layer("mha").query_dense.quantize("int8")
+    with pytest.raises(ValueError, match="'mha/query' is quantized; factorization 'full'.*quantization_mode='int8'"):
+        keras_hrp.enable_hrp(model, 2, 4, factorization="full")
+
+
+def test_auto_rank_spends_the_budget_where_the_spectrum_is_flat(tmp_path):
+    x, _ = _data()
+    model = _attention_model()
+    layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=8, target_layer_names=["query", "value", "ffn"],
+                                  factorization="full", auto_rank=True)
+    budget = sum(2 * sum(lora.weight_matrix_shape(layer)) for layer in layers)
+    base_output = model.predict(x, verbose=0)  # B = 0
+    rng = np.random.default_rng(0)
+    for layer in layers:  # a preheated delta of rank 1 on the query, flat ones elsewhere
+        a, b = lora.lora_factors(layer)
+        b_value = rng.normal(size=b.shape).astype("float32")
+        if layer.name == "query":
+            b_value[1:] = 0.0
+        b.assign(b_value)
+    report = keras_hrp.switch_to_main(model)
+    ranks = {layer.name: layer.lora_rank for layer in layers}
+    assert ranks["query"] == 1 and ranks["value"] + ranks["ffn"] > 4  # the query's share went to them
+    assert {path: item.to_rank for path, item in report.items()} == {layer.path: layer.lora_rank for layer in layers}
+    spent = sum(layer.lora_rank * sum(lora.weight_matrix_shape(layer)) for layer in layers)
+    assert spent <= budget and all(layer.hrp_state.rank == layer.lora_rank for layer in layers)
+    np.testing.assert_allclose(model.predict(x, verbose=0), base_output, rtol=1e-5, atol=1e-6)  # B = 0 again
+    path = str(tmp_path / "auto.npz")
+    keras_hrp.save_adapters(model, path)
+    fresh = _attention_model()
+    keras_hrp.load_adapters(fresh, path)
+    assert {layer.name: layer.lora_rank for layer in keras_hrp.hrp_layers(fresh)} == ranks
+    with pytest.raises(ValueError, match="`auto_rank` chooses ranks from a preheat.*preheat_rank=None"):
+        keras_hrp.enable_hrp(_attention_model(), rank=2, auto_rank=True)

@@ -174,3 +174,49 @@ def test_every_linear_layer_unmerged_equals_stock_merged_lora(make, family):
     task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
     history = keras.Model.fit(task, x, y, batch_size=16, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_full_factorization_on_gemma_every_linear_layer(tmp_path):
+    """Gemma's query kernel is (heads, hidden, head_dim): the adapter is
+    hidden -> r -> heads * head_dim; KerasHub's own file refuses it, adapter
+    files and `.keras` files (in stock Keras too) carry it."""
+    names = list(keras_hrp.hub.LINEAR_LAYER_NAMES["gemma"])
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    task, x, y, loss = gemma_causal_lm()
+    base = {v.path: numpy_of(v) for v in task.weights}
+    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=12, target_layer_names=names,
+                                  factorization="full")
+    query = next(layer for layer in layers if layer.name == "query")
+    assert tuple(query.lora_kernel_a.shape) == (16, 12) and tuple(query.lora_kernel_b.shape) == (12, 16)
+    task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    hrp = keras_hrp.HRPCallback(2, verbose=0)
+    keras.Model.fit(task, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[hrp])
+    assert not hrp.report.fallbacks and all(layer.lora_rank == 2 for layer in layers)
+    with pytest.raises(ValueError, match="save_lora_weights of .*factorization 'full'.*full=\\["):
+        task.backbone.save_lora_weights(str(tmp_path / "hub.lora.h5"))
+    expected = task.predict(x, verbose=0)
+    adapters = str(tmp_path / "gemma.adapters.npz")
+    keras_hrp.save_adapters(task, adapters)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1)
+    fresh, *_ = gemma_causal_lm()
+    for v in fresh.weights:
+        v.assign(base[v.path])
+    keras_hrp.load_adapters(fresh, adapters)
+    assert {lora.factorization_of(layer) for layer in keras_hrp.hrp_layers(fresh)} == {"full"}
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_keras_hub_lora_files_refuse_unequal_auto_ranks(tmp_path):
+    task, *_ = bert_classifier()
+    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, auto_rank=True)
+    rng = np.random.default_rng(0)
+    for i, layer in enumerate(layers):
+        b = lora.lora_factors(layer)[1]
+        value = rng.normal(size=b.shape).astype("float32")
+        b.assign(value * (np.arange(6)[:, None] < 1) if i == 0 else value)  # one rank-1 delta
+    keras_hrp.switch_to_main(task)
+    assert len({layer.lora_rank for layer in layers}) > 1
+    with pytest.raises(ValueError, match="save_lora_weights of .*different ranks \\(auto_rank\\).*ranks=\\{"):
+        task.backbone.save_lora_weights(str(tmp_path / "hub.lora.h5"))

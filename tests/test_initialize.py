@@ -184,3 +184,23 @@ def test_eva_errors():
     model.get_layer("embed").enable_lora(2)
     with pytest.raises(ValueError, match="'embed' is an Embedding.*layer='Embedding'"):
         keras_hrp.initialize_lora(model, "eva", data=[probe_tokens()])
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora", "lora_ga", "eva"])
+def test_full_factorization_layers(method):
+    """Standard LoRA on the query's whole (hidden, heads * head_dim) matrix."""
+    model = tiny_model()
+    keras_hrp.enable_hrp(model, rank=3, target_layer_names=["query", "ffn"], factorization="full")
+    query = model.get_layer("mha")._query_dense
+    w = numpy_of(query._kernel).reshape(32, 16)  # (hidden, heads, head_dim): A's axes lead
+    tokens = probe_tokens()
+    before, merged = model.predict(tokens, verbose=0), numpy_of(query.kernel)
+    options = {"data": [b[0] for b in _batches()]} if method == "eva" else _options(method, model)
+    keras_hrp.initialize_lora(model, method, **options)
+    np.testing.assert_allclose(model.predict(tokens, verbose=0), before, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(numpy_of(query.kernel), merged, atol=1e-4)
+    a = numpy_of(query.lora_kernel_a)
+    assert a.shape == (32, 3) and query.lora_kernel_b.shape == (3, 16)
+    if method == "pissa":
+        u = np.linalg.svd(w, full_matrices=False)[0][:, :3]
+        assert principal_angle_cos(a, u) > 1 - 1e-4

@@ -4,6 +4,7 @@ import pytest
 
 from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp.state import HRPState
 from tests.helpers import BACKEND
 from tests.helpers import numpy_of
 
@@ -86,3 +87,22 @@ def test_replace_factors_updates_layer_torch_params():
     layer, (m, n) = _dense()
     lora.replace_factors(layer, np.ones((m, 2), "float32"), np.ones((2, n), "float32"))
     assert layer.torch_params[layer.lora_kernel_a.path] is layer.lora_kernel_a.value
+
+
+def test_factor_axes_and_layouts():
+    layer = keras.layers.EinsumDense("btd,ndh->btnh", (5, 3, 4))  # Gemma's query: (heads, hidden, head_dim)
+    layer.build((None, 5, 12))
+    assert lora.factor_axes(layer) == ((0, 1), (2,))  # Keras' per-head layout
+    assert lora.weight_matrix_shape(layer) == (36, 4) and lora.a_shape_at_rank(layer, 2) == (3, 12, 2)
+    layer.hrp_state = HRPState(rank=2, phase="main", factorization="full")
+    assert lora.factor_axes(layer) == ((1,), (0, 2))
+    assert lora.weight_matrix_shape(layer) == (12, 12) and lora.max_useful_rank(layer) == 12
+    assert lora.a_shape_at_rank(layer, 2) == (12, 2) and lora.b_shape_at_rank(layer, 2) == (2, 12)
+    kernel = np.arange(3 * 12 * 4, dtype="float32").reshape(3, 12, 4)
+    matrix = lora.to_matrix(layer, kernel)
+    np.testing.assert_array_equal(matrix[5], kernel[:, 5, :].reshape(-1))  # row: one hidden unit
+    np.testing.assert_array_equal(lora.to_kernel(layer, matrix), kernel)
+    dense = keras.layers.Dense(6)
+    dense.build((None, 4))
+    dense.hrp_state = HRPState(rank=2, phase="main", factorization="full")
+    assert lora.factor_axes(dense) == ((0,), (1,))  # a Dense is the same either way
