@@ -110,11 +110,11 @@ def drop_compiled_functions(model):
             continue
         if getattr(owner, "generate_function", None) is not None:
             owner.generate_function = None
+        owner.test_function = None
+        owner.predict_function = None  # `predict` works on uncompiled models too
         if getattr(owner, "compiled", False):
             owner.train_function = None
             owner.make_train_function(force=True)
-            owner.test_function = None
-            owner.predict_function = None
 
 
 def replace_compiled_optimizer(model, old, new):
