@@ -75,7 +75,7 @@ def build(method, args, preset, options, x, y):
     if method == "hrp":
         keras_hrp.enable_hrp(
             task, rank=args.rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
-            variant=options.get("variant", "classic"),
+            variant=options.get("variant", "classic"), factorization=args.factorization,
         )
         share = options.get("preheat_steps_share")
         preheat = max(1, round(share * args.steps)) if share else options.get("preheat_steps", args.preheat_steps)
@@ -85,7 +85,10 @@ def build(method, args, preset, options, x, y):
             verbose=0,
         ))
     elif method != "full":
-        task.backbone.enable_lora(args.rank)
+        if args.factorization == "full":  # standard LoRA on the same (KerasHub's) targets
+            keras_hrp.enable_hrp(task, rank=args.rank, factorization="full")
+        else:
+            task.backbone.enable_lora(args.rank)
         if method == "lora_ga":
             init_steps = args.ga_batches
             size = args.batch_size
@@ -157,7 +160,8 @@ class RunCache:
 def _key(args, method, lr, seed, variant=""):
     return (f"{keras.backend.backend()}|{method}|{variant}|lr={lr}|seed={seed}|steps={args.steps}"
             f"|bs={args.batch_size}|r={args.rank}|R={args.preheat_rank}|P={args.preheat_steps}"
-            f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}")
+            f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}"
+            + ("" if args.factorization == "per_head" else f"|f={args.factorization}"))
 
 
 def rate_beyond_edge(val):
@@ -217,6 +221,8 @@ def compare(args, cache, preset, data, picked):
 def ablation(args, cache, preset, data, lr):
     rows = {}
     for name, options in ABLATION.items():
+        if args.ablation_variants and name not in args.ablation_variants:
+            continue
         variant = json.dumps(options, sort_keys=True) if options else ""  # "" = compare()'s runs
         runs = [cache.get(_key(args, "hrp", lr, s, variant=variant),
                           lambda: run("hrp", lr, s, args, preset, data, options))
@@ -242,7 +248,7 @@ def write_markdown(args, table, rows, path, png):
         f"all-MiniLM-L6-v2, {n_train} train / {n_val} validation / {n_test} test sentences "
         f"(split seed {args.split_seed}), {args.steps} optimizer steps per run, batch "
         f"{args.batch_size}, sequence length {args.seq_len}, Adam, LoRA rank {args.rank} on "
-        f"q/v (KerasHub's targets), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
+        f"q/v (KerasHub's targets; factorization {args.factorization}), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
         f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps). "
         f"Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
         f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
@@ -312,11 +318,15 @@ def parse(argv):
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ablation-seeds", type=int, default=2)
+    parser.add_argument("--ablation-variants", nargs="+", choices=list(ABLATION), default=None,
+                        help="only these HRP variants (default: all)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[3e-5, 1e-4])
     parser.add_argument("--extend-grid", type=int, default=1,
                         help="times a best rate at the grid's edge adds the next rate past it")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--factorization", choices=("per_head", "full"), default="per_head",
+                        help="of the q/v adapters (every LoRA method)")
     parser.add_argument("--preheat-rank", type=int, default=32)
     parser.add_argument("--preheat-steps", type=int, default=20)
     parser.add_argument("--ga-batches", type=int, default=4)
@@ -326,6 +336,7 @@ def parse(argv):
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=4000)
     parser.add_argument("--cache", default=".data", help="where the data is cached")
+    parser.add_argument("--tag", default="", help="appended to the result files' names (another setting)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -350,7 +361,7 @@ def main(argv=None):
     args.sizes = (len(train), len(val), len(test))
     data = tuple(encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
-    name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}"
+    name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}{args.tag}"
     cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"), args.report_only)
     picked = pick_learning_rates(args, cache, preset, data)
     rows = ablation(args, cache, preset, data, picked["hrp"]["lr"]) if args.ablation and "hrp" in picked else {}

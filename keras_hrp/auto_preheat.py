@@ -44,20 +44,20 @@ class Check:
 
 
 class SubspaceTracker:
-    """Keeps each preheating layer's last top directions and the checks.
+    """Each preheating layer's top directions at the last check, and the checks.
 
-    Args:
-        stable_degrees: the preheat is stable once every layer's top
-            subspace moved less than this between two checks.
+    One per model (`keras_hrp.state.RunState.tracker`), so it travels with
+    keras-hrp's checkpoint state files: a preheat resumed in a new process
+    compares its next check with the last one before the interruption.
     """
 
-    def __init__(self, stable_degrees):
-        self.stable_degrees = stable_degrees
+    def __init__(self):
         self.checks = []
         self._last = {}
 
-    def check(self, model, step):
-        """Records a check after `step` updates; returns whether it is stable."""
+    def check(self, model, step, stable_degrees):
+        """Records a check after `step` updates; returns whether every layer's
+        top subspace moved less than `stable_degrees` since the last one."""
         angles, current = [], {}
         for layer in hrp_layers(model, phase="preheat"):
             u = top_directions(layer)
@@ -70,4 +70,19 @@ class SubspaceTracker:
         self._last = current
         angle = None if not angles or None in angles else max(angles)
         self.checks.append(Check(step, angle))
-        return angle is not None and angle < self.stable_degrees
+        return angle is not None and angle < stable_degrees
+
+    def to_arrays(self):
+        """`(header, arrays)` for a state file (JSON-safe header)."""
+        paths = [path for path, u in self._last.items() if u is not None]
+        header = {"checks": [[c.step, c.angle] for c in self.checks], "last": paths}
+        return header, {f"tracker{i}": self._last[path] for i, path in enumerate(paths)}
+
+    @classmethod
+    def from_arrays(cls, header, arrays):
+        """The tracker `to_arrays` wrote."""
+        tracker = cls()
+        tracker.checks = [Check(int(step), None if angle is None else float(angle))
+                          for step, angle in header["checks"]]
+        tracker._last = {path: arrays[f"tracker{i}"] for i, path in enumerate(header["last"])}
+        return tracker

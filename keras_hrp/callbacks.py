@@ -51,8 +51,9 @@ class HRPCallback(keras.callbacks.Callback):
     once every layer's subspace moved less than `stable_degrees` (largest
     principal angle) since the previous check, or after
     `max_preheat_steps` updates. `report.reason` says which; `report.checks`
-    lists each check's step and largest angle. A resumed run starts its
-    comparison afresh at its first check.
+    lists each check's step and largest angle. The last check's directions
+    travel with keras-hrp's checkpoint state files, so a resumed run makes
+    the same checks as an uninterrupted one.
 
     Args:
         preheat_steps: number of optimizer updates at the preheating rank,
@@ -116,7 +117,6 @@ class HRPCallback(keras.callbacks.Callback):
         self.stable_degrees = settings.positive_number(owner, "stable_degrees", stable_degrees)
         if self.stable_degrees >= 90:
             settings.fail(owner, "`stable_degrees` must be below 90", stable_degrees=stable_degrees)
-        self._tracker, self._tracked = SubspaceTracker(self.stable_degrees), None
         self._next_check = self.check_every
         self.init, self.warmup_steps, self.restore_weights = settings.check_switch_settings(
             owner, init, warmup_steps, restore_weights
@@ -132,8 +132,6 @@ class HRPCallback(keras.callbacks.Callback):
         self._unchecked = 0
 
     def set_model(self, model):
-        if model is not self._tracked:
-            self._tracker, self._tracked = SubspaceTracker(self.stable_degrees), model
         super().set_model(model)
         checkpoints.attach(model)
         self._siblings = internals.sibling_callbacks(self)
@@ -182,6 +180,8 @@ class HRPCallback(keras.callbacks.Callback):
             return
         run = run_state(model)
         done = run.count_updates(model)
+        if self.auto and (done == 0 or run.tracker is None):
+            run.tracker = SubspaceTracker()
         if self.restore_weights and run.snapshot is None:
             if done == 0:
                 run.snapshot = WeightSnapshot(model)
@@ -229,7 +229,9 @@ class HRPCallback(keras.callbacks.Callback):
         self.report = switch_to_main(
             model, run.snapshot, init=self.init, warmup_steps=self.warmup_steps
         )
-        self.report.reason, self.report.checks = reason, list(self._tracker.checks)
+        self.report.reason = reason
+        self.report.checks = list(run.tracker.checks) if run.tracker is not None else []
+        run.tracker = None
         self.switch_step = self._done
         run.snapshot = None
         self._active = False
@@ -262,9 +264,10 @@ class HRPCallback(keras.callbacks.Callback):
             return f"preheat_steps={self.preheat_steps}"
         if self._done >= self._limit:
             return f"max_preheat_steps={self._limit} reached before the subspaces were stable"
-        if not self._tracker.check(model, self._done):
+        tracker = run_state(model).tracker
+        if not tracker.check(model, self._done, self.stable_degrees):
             return None
-        previous, last = self._tracker.checks[-2:]
+        previous, last = tracker.checks[-2:]
         return (f"stable: no top subspace moved {self.stable_degrees:g} degrees or more between "
                 f"updates {previous.step} and {last.step} (largest {last.angle:.1f})")
 

@@ -30,6 +30,7 @@ from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
 from keras_hrp import fast_lora
+from keras_hrp.auto_preheat import SubspaceTracker
 from keras_hrp.layers import HRPDense
 from keras_hrp.state import HRPState
 from keras_hrp.state import hrp_layers
@@ -234,7 +235,12 @@ def write_state(model, filepath, with_base=False):
     snapshot = run.snapshot.to_arrays() if run.snapshot is not None else {}
     for i, value in enumerate(snapshot.values()):
         arrays[f"snapshot{i}"] = value
+    tracker = None
+    if run.tracker is not None:
+        tracker, tracked = run.tracker.to_arrays()
+        arrays.update(tracked)
     header = {
+        "tracker": tracker,
         "layers": entries,
         "snapshot": list(snapshot) if run.snapshot is not None else None,
         "iterations": run.counted_iterations,
@@ -357,6 +363,11 @@ def _apply(model, header, arrays, entries, sidecar, owner):
         for name, value in entry["frozen"].items():
             variables[name].assign(value)
     run = run_state(model)
+    tracker = header.get("tracker")
+    try:
+        run.tracker = None if tracker is None else SubspaceTracker.from_arrays(tracker, arrays)
+    except (KeyError, TypeError, ValueError) as error:
+        settings.fail(owner, f"damaged state file ({type(error).__name__}: {error})", path=sidecar)
     saved = header.get("snapshot")
     run.snapshot = None if saved is None else WeightSnapshot.from_arrays(
         model, {path: arrays[f"snapshot{i}"] for i, path in enumerate(saved)}, owner

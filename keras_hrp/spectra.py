@@ -37,7 +37,7 @@ def plot_spectra(report, path):
     spectra = normalized_spectra(report)
     paths = list(report)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4 + 0.12 * len(paths)))
-    for layer_path, s in spectra.items():
+    for s in spectra.values():
         if s is not None:
             left.semilogy(np.arange(1, s.size + 1), np.maximum(s, 1e-12), lw=1, alpha=0.7)
     ranks = sorted({item.to_rank for item in report.values()})

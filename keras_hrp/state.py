@@ -101,12 +101,14 @@ class RunState:
             last counted into the layers' states, or `None` (count from the
             optimizer's current value).
         optimizer: the optimizer those iterations belong to.
+        tracker: an automatic preheat's `SubspaceTracker`, or `None`.
     """
 
     def __init__(self):
         self.snapshot = None
         self.counted_iterations = None
         self.optimizer = None
+        self.tracker = None
 
     def count_updates(self, model):
         """Adds the optimizer updates since the last count to the preheat.

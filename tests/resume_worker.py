@@ -70,7 +70,7 @@ def base_weights(kind, path):
 def run(spec):
     """One fit (or the rest of one): final weights and HRP states."""
     model, x, y = set_up(spec["kind"], spec["base"])
-    hrp = keras_hrp.HRPCallback(spec["preheat"], verbose=0)
+    hrp = keras_hrp.HRPCallback(spec["preheat"], verbose=0, **spec.get("auto", {}))
     callbacks = [hrp]
     if spec.get("backup_dir"):
         backup = keras.callbacks.BackupAndRestore(spec["backup_dir"])
@@ -97,6 +97,7 @@ def run(spec):
     return {
         "weights": weights_by_path(model), "states": states,
         "switch_step": hrp.switch_step, "fallbacks": fallbacks,
+        "checks": [[c.step, c.angle] for c in hrp.report.checks] if hrp.report is not None else [],
     }
 
 
@@ -107,7 +108,7 @@ def main(path):
         result = run(spec)
         np.savez(spec["out"], **result["weights"])
         with open(spec["out"] + ".json", "w") as stream:
-            json.dump({key: result[key] for key in ("states", "switch_step", "fallbacks")}, stream)
+            json.dump({key: result[key] for key in ("states", "switch_step", "fallbacks", "checks")}, stream)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """`preheat_steps="auto"`: switching once the preheat's top subspaces settle."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -42,14 +44,19 @@ def test_tracker_is_stable_once_nothing_moves():
     for layer in keras_hrp.hrp_layers(model):
         b = lora.lora_factors(layer)[1]
         b.assign(np.random.default_rng(1).normal(size=b.shape).astype("float32"))
-    tracker = auto_preheat.SubspaceTracker(stable_degrees=1.0)
-    assert not tracker.check(model, 10)  # nothing to compare with yet
-    assert tracker.check(model, 20)
+    tracker = auto_preheat.SubspaceTracker()
+    assert not tracker.check(model, 10, stable_degrees=1.0)  # nothing to compare with yet
+    assert tracker.check(model, 20, stable_degrees=1.0)
     assert tracker.checks[0].angle is None and tracker.checks[1].angle < 0.1
     layer = model.get_layer("hrp_2")
     b = lora.lora_factors(layer)[1]
     b.assign(np.random.default_rng(2).normal(size=b.shape).astype("float32"))
-    assert not tracker.check(model, 30) and tracker.checks[2].angle > 1.0
+    assert not tracker.check(model, 30, stable_degrees=1.0) and tracker.checks[2].angle > 1.0
+    header, arrays = tracker.to_arrays()
+    copy = auto_preheat.SubspaceTracker.from_arrays(json.loads(json.dumps(header)), arrays)
+    assert copy.checks == tracker.checks
+    b.assign(np.random.default_rng(3).normal(size=b.shape).astype("float32"))
+    assert not copy.check(model, 40, stable_degrees=1.0) and copy.checks[-1].angle > 1.0  # compared with step 30
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)

@@ -103,12 +103,12 @@ def test_peft_configs_and_table(tmp_path):
 @pytest.mark.skipif(BACKEND != "jax", reason="a real MiniLM run is minutes; once per CI, on JAX")
 def test_quality_quick_real_run(tmp_path):
     quality = _load("bench_quality")
-    code = quality.main(["--quick", "--methods", "lora_ga", "hrp", "--out", str(tmp_path),
-                         "--cache", os.path.join(ROOT, ".data")])
+    code = quality.main(["--quick", "--methods", "lora_ga", "hrp", "--factorization", "full",
+                         "--out", str(tmp_path), "--cache", os.path.join(ROOT, ".data")])
     assert code == 0
     with open(os.path.join(tmp_path, "quality_jax_quick.md")) as f:
         text = f.read()
-    assert "| lora_ga |" in text and "| hrp |" in text
+    assert "| lora_ga |" in text and "| hrp |" in text and "factorization full" in text
     runs = [json.loads(line)["result"] for line in open(os.path.join(tmp_path, "quality_jax_quick_runs.jsonl"))]
     assert len(runs) == 2
     assert sorted(len(r["curve"]) for r in runs) == [5, 6]  # LoRA-GA's batch counts as a step
@@ -158,6 +158,11 @@ def test_floor_model_adapts_only_the_first_query():
     adapted = [layer for layer in internals.all_layers(task) if getattr(layer, "lora_enabled", False)]
     assert [layer.lora_rank for layer in adapted] == [1]
     assert "transformer_layer_0/" in adapted[0].path and adapted[0].path.endswith("query")
+
+    full = floor.bench_speed.model("minilm:qv", "keras-hrp, full", args)
+    queries = [layer for layer in internals.all_layers(full) if getattr(layer, "lora_enabled", False)]
+    assert queries and all(layer.hrp_state.factorization == "full" for layer in queries)
+    assert tuple(queries[0].lora_kernel_a.shape) == (384, args.rank)  # hidden -> r, not per head
 
 
 def test_peak_memory_reset_sees_a_new_allocation():

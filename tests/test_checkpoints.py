@@ -252,3 +252,22 @@ def test_damaged_state_file(saved, tmp_path):
         stream.truncate(100)
     with pytest.raises(ValueError, match="load_weights of model .*not a readable keras-hrp checkpoint file.*m.weights.h5.hrp.npz"):
         _set_up(saved).load_weights(path)
+
+
+def test_auto_preheat_resumes_its_checks_in_a_new_process(tmp_path):
+    """The subspace tracker travels with the state file: the first check after
+    the resume compares with the last one before the interruption."""
+    base, frozen = _pretrained("dense", tmp_path)
+    auto = {"check_every": 2, "max_preheat_steps": 12, "stable_degrees": 1e-6}  # never stable: every check
+    common = {"kind": "dense", "base": base, "preheat": "auto", "auto": auto}
+    reference = resume_worker.run(common)
+    assert reference["switch_step"] == 12 and [c[0] for c in reference["checks"]] == [2, 4, 6, 8, 10]
+    assert reference["checks"][0][1] is None and all(c[1] is not None for c in reference["checks"][1:])
+    spec = {**common, "order": "backup_first", "backup_dir": os.path.join(tmp_path, "backup"),
+            "out": os.path.join(tmp_path, "auto.npz")}
+    assert resume_worker.run({**spec, "interrupt_at": 7}) is None  # backed up after step 4
+    [resumed] = _in_new_process([spec], tmp_path)
+    _assert_same_run(resumed, reference, frozen)
+    assert resumed["switch_step"] == 12
+    np.testing.assert_allclose(np.array([c[1] for c in resumed["checks"][1:]]),
+                               np.array([c[1] for c in reference["checks"][1:]]), rtol=1e-4, atol=1e-3)
