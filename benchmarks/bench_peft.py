@@ -26,7 +26,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
-import finetune_minilm as recipe  # noqa: E402
+import movie_task  # noqa: E402
 import numpy as np  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
@@ -55,10 +55,10 @@ def peft_runs(args, python, runs, cache):
     """Runs what `cache` lacks in one worker process; returns every result."""
     todo = [run for run in runs if _key(args, run) not in cache]
     if todo:
-        texts, labels = recipe.movie_reviews(args.cache)
+        texts, labels = movie_task.movie_reviews(args.cache)
         parts = [{"texts": [texts[i] for i in idx], "labels": [labels[i] for i in idx]}
-                 for idx in recipe.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)]
-        job = {"model_dir": recipe.default_preset(), "train": parts[0], "val": parts[1],
+                 for idx in movie_task.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)]
+        job = {"model_dir": movie_task.default_preset(), "train": parts[0], "val": parts[1],
                "test": parts[2], "runs": todo, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "ga_batches": args.ga_batches, "threads": args.threads}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -243,9 +243,9 @@ def main(argv=None):
         python = ensure_venv(args.venv)
         if args.setup_only:
             return 0
-        recipe.default_preset()
-        recipe.movie_reviews(args.cache)
-    except (recipe.SetupError, subprocess.CalledProcessError) as error:
+        movie_task.default_preset()
+        movie_task.movie_reviews(args.cache)
+    except (movie_task.SetupError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table = {**keras_table(args), **peft_table(args, python)}

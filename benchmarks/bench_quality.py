@@ -22,12 +22,14 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
 
-import finetune_minilm as recipe  # noqa: E402
+import movie_task  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 
 import keras_hrp  # noqa: E402
 
@@ -47,11 +49,6 @@ ABLATION = {
 }
 
 
-def encode(preprocessor, texts, labels, indices):
-    x = preprocessor([texts[i] for i in indices])
-    return {k: np.asarray(v) for k, v in x.items()}, np.asarray([labels[i] for i in indices], "int32")
-
-
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -59,13 +56,6 @@ def _loss():
 def _accuracy(task, data):
     x, y = data
     return float(np.mean(np.argmax(task.predict(x, batch_size=256, verbose=0), -1) == y))
-
-
-def train_batches(train, seed, steps, batch_size):
-    """Exactly `steps` batches of the training split, shuffled by `seed`."""
-    x, y = train
-    order = np.resize(np.random.default_rng(seed).permutation(len(y)), steps * batch_size)
-    return {k: v[order] for k, v in x.items()}, y[order]
 
 
 def build(method, args, preset, options, x, y):
@@ -104,10 +94,10 @@ def run(method, lr, seed, args, preset, data, options=None):
     options = options or {}
     train, val, test = data
     keras.utils.set_random_seed(seed)
-    x, y = train_batches(train, seed, args.steps, args.batch_size)
+    x, y = movie_task.train_batches(train, seed, args.steps, args.batch_size)
     task, callbacks, init_steps = build(method, args, preset, options, x, y)
     task.compile(optimizer=keras.optimizers.Adam(lr), loss=_loss(), metrics=["accuracy"])
-    curve, timer = recipe.LossCurve(), StepTimer()
+    curve, timer = movie_task.LossCurve(), timing.StepTimer()
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
     start = time.perf_counter()
     skip = init_steps * args.batch_size  # LoRA-GA's gradient batches count as steps
@@ -118,22 +108,9 @@ def run(method, lr, seed, args, preset, data, options=None):
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables) if method == "hrp" else params
     return {
         "val": _accuracy(task, val), "test": _accuracy(task, test), "seconds": seconds,
-        "params": params, "curve": [float(v) for v in curve.losses], "step_ms": timer.median_ms(),
+        "params": params, "curve": [float(v) for v in curve.losses],
+        "step_ms": 1e3 * float(np.median(timer.seconds[2:] or timer.seconds)),  # 2 compiling steps out
     }
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Median wall time between batch ends (the first two, compiling, left out)."""
-
-    def on_train_begin(self, logs=None):
-        self.ends = [time.perf_counter()]
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
-
-    def median_ms(self):
-        steps = np.diff(self.ends)
-        return 1e3 * float(np.median(steps[2:] if len(steps) > 2 else steps))
 
 
 class RunCache:
@@ -351,15 +328,15 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     try:
-        preset = recipe.default_preset()
-        texts, labels = recipe.movie_reviews(args.cache)
-    except recipe.SetupError as error:
+        preset = movie_task.default_preset()
+        texts, labels = movie_task.movie_reviews(args.cache)
+    except movie_task.SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
-    train, val, test = recipe.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)
+    train, val, test = movie_task.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)
     args.sizes = (len(train), len(val), len(test))
-    data = tuple(encode(preprocessor, texts, labels, part) for part in (train, val, test))
+    data = tuple(movie_task.encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
     name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}{args.tag}"
     cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"), args.report_only)

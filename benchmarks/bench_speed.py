@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
 
-import finetune_minilm as recipe  # noqa: E402
+import movie_task  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,7 +66,7 @@ def data(setting, args, n):
         return x, ids[:, 1:]
     texts, labels = _texts(n)
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
-        recipe.default_preset(), sequence_length=args.seq_len)
+        movie_task.default_preset(), sequence_length=args.seq_len)
     return {k: np.asarray(v) for k, v in preprocessor(texts).items()}, labels
 
 
@@ -84,7 +84,7 @@ def peft_step(setting, args):
     python = bench_peft.ensure_venv(bench_peft.VENV)
     texts, labels = _texts(args.batch_size)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
-    job = {"model_dir": recipe.default_preset(), "texts": texts, "labels": labels.tolist(),
+    job = {"model_dir": movie_task.default_preset(), "texts": texts, "labels": labels.tolist(),
            "seq_len": args.seq_len, "threads": threads,
            "speed": {"rank": args.rank, "targets": PEFT_TARGETS[setting.split(":")[1]],
                      "repeats": 2 + args.repeats * args.steps_per_epoch}}
@@ -108,7 +108,7 @@ def model(setting, kind, args, rank=None, targets=None):
         backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     else:
-        task = keras_hub.models.TextClassifier.from_preset(recipe.default_preset(), num_classes=2,
+        task = keras_hub.models.TextClassifier.from_preset(movie_task.default_preset(), num_classes=2,
                                                            preprocessor=None)
     rank, targets = rank or args.rank, targets or _targets(setting)
     if kind.startswith("stock"):

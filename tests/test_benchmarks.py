@@ -57,11 +57,14 @@ def test_theory_claims_on_a_small_setting(tmp_path):
 
 def test_quality_splits_and_run_cache(tmp_path):
     quality = _load("bench_quality")
-    train, val, test = quality.recipe.split_indices(200, 1234, val_size=30, test_size=50)
+    train, val, test = quality.movie_task.split_indices(200, 1234, val_size=30, test_size=50)
     assert (len(train), len(val), len(test)) == (120, 30, 50)
     assert len(set(train) | set(val) | set(test)) == 200
-    again = quality.recipe.split_indices(200, 1234, val_size=30, test_size=50)
+    again = quality.movie_task.split_indices(200, 1234, val_size=30, test_size=50)
     assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
+    x, y = {"ids": np.arange(10)[:, None]}, np.arange(10)
+    xb, yb = quality.movie_task.train_batches((x, y), seed=0, steps=3, batch_size=4)  # 12 of 10: repeats
+    assert yb.shape == (12,) and np.array_equal(xb["ids"][:, 0], yb) and sorted(yb[:10]) == list(range(10))
     calls = []
     path = os.path.join(tmp_path, "runs.jsonl")
     first = quality.RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.5})

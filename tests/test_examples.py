@@ -44,9 +44,7 @@ def test_short_real_run(tmp_path, capsys):
 
 def test_offline_without_cached_data_says_what_to_run(tmp_path, capsys, monkeypatch):
     recipe = _recipe()
-    monkeypatch.setattr(
-        recipe.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1)
-    )
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))  # offline
     code = recipe.main(["--cache", str(tmp_path), "--verbose", "0"])
     err = capsys.readouterr().err
     assert code == 2
