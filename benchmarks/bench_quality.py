@@ -41,6 +41,8 @@ ABLATION = {
     "preheat 5 steps": {"preheat_steps": 5},
     "preheat 2%": {"preheat_steps_share": 0.02},
     "preheat rank 16": {"preheat_rank": 16},
+    "preheat rank 256 (full factorization)": {"preheat_rank": 256},
+    "keep head, preheat rank 256 (full)": {"restore_weights": False, "preheat_rank": 256},
     "keep head (no roll back)": {"restore_weights": False},
     "truncated delta": {"init": "truncated_delta"},
     "truncated delta, keep head": {"init": "truncated_delta", "restore_weights": False},

@@ -3,7 +3,8 @@
 Imports torch, transformers and peft only (no Keras). Reads a job file
 (model directory, the split texts and labels, the runs to do) and prints one
 JSON line per finished run; a job with `"speed"` times PEFT LoRA training
-steps instead.
+steps instead, and one with `"adapter"` prints the outputs of the base model
+with that PEFT adapter directory attached.
 
     benchmarks/.venv-peft/bin/python benchmarks/peft_worker.py JOB.json
 """
@@ -123,12 +124,38 @@ def speed(job):
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+def adapter_outputs(job):
+    """Logits and last hidden states of the base model with a PEFT adapter
+    directory attached (`PeftModel.from_pretrained`) and with it disabled
+    (the adapter's head copied into the base first, so both share it)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        job["model_dir"], num_labels=job["num_labels"], **job.get("config", {}))
+    saved = load_file(f"{job['adapter']}/adapter_model.safetensors")
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            getattr(model.classifier, name).copy_(saved[f"base_model.model.classifier.{name}"])
+    model = PeftModel.from_pretrained(model, job["adapter"]).eval()
+    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
+    with torch.no_grad():
+        adapted = model(**x, output_hidden_states=True)
+        with model.disable_adapter():
+            base = model(**x, output_hidden_states=True)
+    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
+            for name, out in (("adapted", adapted), ("base", base))}
+
+
 def main(path):
     with open(path) as f:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
     if "speed" in job:
         print(json.dumps(speed(job)), flush=True)
+        return
+    if "adapter" in job:
+        print(json.dumps(adapter_outputs(job)), flush=True)
         return
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     data = tuple(

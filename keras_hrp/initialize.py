@@ -220,4 +220,5 @@ def initialize_lora(
         b_var.assign(b)
         if residual is not None:
             base.assign(ops.cast(lora.to_kernel(layer, residual), base.dtype))
+            layer.hrp_moved_base = method  # the frozen weight is no longer the pretrained one
     return [layer.path for layer in layers]

@@ -19,11 +19,11 @@ from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
 from keras_hrp import spectra
-from keras_hrp.linalg import svd_of_product
-from keras_hrp.rank_allocation import allocate_ranks
 from keras_hrp.initializers import expected_norm
 from keras_hrp.initializers import preheated_a
 from keras_hrp.initializers import preheated_factors
+from keras_hrp.linalg import svd_of_product
+from keras_hrp.rank_allocation import allocate_ranks
 from keras_hrp.schedules import LinearWarmup
 from keras_hrp.state import hrp_layers
 from keras_hrp.state import layer_state

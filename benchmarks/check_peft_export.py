@@ -1,0 +1,133 @@
+"""export_peft against the real thing: transformers + PEFT give Keras' outputs.
+
+On the current Keras backend: the recipe's all-MiniLM-L6-v2 classifier gets
+keras-hrp adapters on every linear layer of every block (per-head or full
+factorization; per-layer ranks from `auto_rank`), random nonzero factors and
+a random head; `export_peft` writes the adapter. In `benchmarks/.venv-peft`
+transformers loads the same pretrained directory, PEFT attaches the
+adapter, and the adapter's update of the logits and last hidden states
+(with it minus without it) is compared on real sentences. Prints the
+largest absolute differences and appends them to `results/peft_export.md`.
+
+    KERAS_BACKEND=jax python benchmarks/check_peft_export.py [--factorization full]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+
+import bench_peft  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import movie_task  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_hrp  # noqa: E402
+from keras_hrp import lora  # noqa: E402
+
+SENTENCES = ["a fine film with a dull plot", "never quite works, but the acting is great",
+             "one of the best of the year", "I wanted my two hours back"]
+
+
+def keras_side(args, adapter_dir):
+    """Exports the adapter; returns the inputs and Keras' logits and hidden states."""
+    preset = movie_task.default_preset()
+    keras.utils.set_random_seed(0)
+    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    layers = keras_hrp.enable_hrp(task, rank=4, preheat_rank=8, auto_rank=True,
+                                  target_layer_names=list(keras_hrp.hub.LINEAR_LAYER_NAMES["bert"]),
+                                  factorization=args.factorization, lora_alpha=8.0)
+    rng = np.random.default_rng(0)
+    for layer in layers:  # a preheated delta of another rank per layer, so auto ranks differ
+        b = lora.lora_factors(layer)[1]
+        b.assign((rng.normal(size=b.shape) * (np.arange(b.shape[0]) < rng.integers(1, 8))[:, None]).astype("float32"))
+    keras_hrp.switch_to_main(task)
+    for layer in layers:
+        for variable in lora.lora_factors(layer):
+            variable.assign(rng.normal(scale=args.factor_std, size=variable.shape).astype("float32"))
+    head = task.get_layer("logits")
+    head.kernel.assign(rng.normal(scale=0.1, size=head.kernel.shape).astype("float32"))
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=24)
+    x = {k: np.asarray(v) for k, v in preprocessor(SENTENCES).items()}
+    outputs = {"adapted": _outputs(task, x)}
+    factors = [lora.lora_factors(layer)[1] for layer in layers]
+    values = [keras.ops.convert_to_numpy(b) for b in factors]
+    for b in factors:  # the adapters off: the base model with the same head
+        b.assign(np.zeros(b.shape, "float32"))
+    outputs["base"] = _outputs(task, x)
+    for b, value in zip(factors, values):
+        b.assign(value)
+    config = keras_hrp.export_peft(task, adapter_dir, base_model_name_or_path=preset)
+    inputs = {"input_ids": x["token_ids"].tolist(), "attention_mask": x["padding_mask"].astype("int64").tolist(),
+              "token_type_ids": x["segment_ids"].tolist()}
+    return preset, inputs, outputs, config
+
+
+def _outputs(task, x):
+    return {"logits": np.asarray(task.predict(x, verbose=0)),
+            "hidden": keras.ops.convert_to_numpy(task.backbone(x)["sequence_output"])}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factorization", choices=("per_head", "full"), default="per_head")
+    parser.add_argument("--factor-std", type=float, default=0.02, help="of the random A and B (0: no update)")
+    parser.add_argument("--venv", default=os.path.join(HERE, ".venv-peft"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "peft_export.md"))
+    args = parser.parse_args(argv)
+    python = bench_peft.ensure_venv(args.venv)
+    with tempfile.TemporaryDirectory() as folder:
+        adapter = os.path.join(folder, "adapter")
+        preset, inputs, ours, config = keras_side(args, adapter)
+        job = os.path.join(folder, "job.json")
+        with open(job, "w") as f:
+            json.dump({"model_dir": preset, "adapter": adapter, "inputs": inputs, "num_labels": 2,
+                       "threads": 1, "config": {"hidden_act": "gelu_new"}}, f)  # KerasHub's BERT: tanh GELU
+        done = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), job], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"the PEFT worker failed:\n{done.stderr[-3000:]}")
+        theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    valid = np.asarray(inputs["attention_mask"], bool)  # padded positions differ by design
+    gaps = {}
+    for name, where in (("logits", Ellipsis), ("hidden", valid)):
+        theirs_delta = np.asarray(theirs["adapted"][name]) - np.asarray(theirs["base"][name])
+        ours_delta = ours["adapted"][name] - ours["base"][name]
+        gaps[name] = float(np.abs(theirs_delta - ours_delta)[where].max())
+        gaps[f"{name} base"] = float(np.abs(np.asarray(theirs["base"][name]) - ours["base"][name])[where].max())
+        gaps[f"{name} update"] = float(np.abs(ours_delta)[where].max())
+        gaps[f"{name} adapted"] = float(np.abs(np.asarray(theirs["adapted"][name]) - ours["adapted"][name])[where].max())
+    ranks = sorted({config["r"], *config["rank_pattern"].values()})
+    line = (f"| {keras.backend.backend()} | {args.factorization} | {len(config['target_modules'])} | "
+            f"{', '.join(map(str, ranks))} | {gaps['logits adapted']:.1e} / {gaps['hidden adapted']:.1e} | "
+            f"{gaps['logits update']:.3f} / {gaps['hidden update']:.3f} | {gaps['logits']:.1e} / "
+            f"{gaps['hidden']:.1e} | {gaps['logits base']:.1e} / {gaps['hidden base']:.1e} |")
+    print(line)
+    if not os.path.exists(args.out):
+        with open(args.out, "w") as f:
+            f.write("# export_peft against transformers + PEFT\n\n"
+                    "`KERAS_BACKEND=<backend> python benchmarks/check_peft_export.py --factorization <f>`: "
+                    "all-MiniLM-L6-v2 with keras-hrp LoRA on every linear layer of every block "
+                    "(auto ranks), random factors and head, float32, 4 real sentences; the largest "
+                    "|transformers + PEFT − Keras| of the logits / last hidden states (unpadded tokens) "
+                    "with the adapter; the adapter's update (output with it minus without it; PEFT: "
+                    "`disable_adapter`, the exported head in both) and the largest difference of the two "
+                    "updates; and how far the two base models "
+                    "(KerasHub's and transformers' MiniLM, no adapter; transformers set to KerasHub's tanh GELU, "
+                    "`hidden_act='gelu_new'`) already differ.\n\n"
+                    "| backend | factorization | adapted modules | PEFT ranks | PEFT − Keras, adapted "
+                    "(logits / hidden) | update | update, PEFT − Keras | base models apart |\n"
+                    "|---|---|---|---|---|---|---|---|\n")
+    with open(args.out, "a") as f:
+        f.write(line + "\n")
+    return 0 if max(gaps["logits adapted"], gaps["hidden adapted"]) <= 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
