@@ -55,7 +55,7 @@ def _targets(model, scope, target_layer_names):
             f"`target_layer_names` matches no Dense, EinsumDense or Embedding layer of "
             f"model '{model.name}' (names or regular expressions over paths; the model "
             f"has {[layer.path for layer in candidates]})",
-            target_layer_names=patterns,
+            target_layer_names=target_layer_names,
         )
     return targets
 
