@@ -234,7 +234,9 @@ def test_numpy_integers_are_python_integers():
 
 
 def test_a_name_is_not_split_into_characters():
-    with pytest.raises(ValueError, match="enable_hrp: `target_layer_names` matches no .*\\['quer'\\]"):
+    layers = keras_hrp.enable_hrp(_tiny(), 2, 4, target_layer_names="query")
+    assert [layer.name for layer in layers] == ["query"]
+    with pytest.raises(ValueError, match="enable_hrp: `target_layer_names` matches no .*target_layer_names='quer'$"):
         keras_hrp.enable_hrp(_tiny(), 2, 4, target_layer_names="quer")
 
 
