@@ -14,6 +14,7 @@ from keras_hrp.linalg import randomized_svd
 from keras_hrp.linalg import svd_of_product
 from keras_hrp.linalg import truncated_svd
 from keras_hrp.peft_export import export_peft
+from keras_hrp.peft_import import import_peft
 from keras_hrp.state import HRPState
 from keras_hrp.state import hrp_layers
 from keras_hrp.switch import SwitchReport

@@ -132,7 +132,7 @@ def _target_state(layer, entry, owner):
     return HRPState(**{**current.to_dict(), "phase": phase}), None
 
 
-def _mismatches(model, items, owner):
+def check_plan(model, items, owner):
     """`(problems, plan)`: every mismatch, and per layer what to load."""
     layers = {layer.path: layer for layer in internals.all_layers(model)}
     problems, plan = [], []
@@ -197,7 +197,7 @@ def load_adapters(model, path):
     owner = "load_adapters"
     _check_model(owner, model)
     path = settings.path(owner, "path", path)
-    problems, plan = _mismatches(model, _read(path, owner), owner)
+    problems, plan = check_plan(model, _read(path, owner), owner)
     if problems:
         settings.fail(
             owner,
@@ -205,6 +205,13 @@ def load_adapters(model, path):
             + "\n  ".join(problems),
             path=path,
         )
+    apply_plan(model, plan)
+
+
+def apply_plan(model, plan):
+    """Writes a checked plan (see `check_plan`) into `model`: layers without
+    LoRA get it, others take the plan's rank; the optimizer is rebuilt if
+    built."""
     resized = []
     with internals.distribution_scope(model):
         for layer, entry, state, a, b, extras in plan:

@@ -128,41 +128,50 @@ def lora_with_factored_gradient(equations, scale, merged):
     unmerged, whose gradient never forms `dK`: `w` gets none, `a` and `b`
     theirs from the factors: `dA = s x^T (dy B^T)`, `dB = s (x A)^T dy`,
     and `dx` from `K` (merged) or `dy W^T + s (dy B^T) A^T` (unmerged).
+
+    The scale multiplies `B` once (the smallest operand), so no pass over
+    the activations exists only to scale them; the merged form keeps its
+    `K` for the backward pass, as autodiff of Keras' merged LoRA does.
     """
 
     @ops.custom_gradient
     def forward(x, w, a, b):
-        def kernel():
-            return ops.add(w, ops.multiply(ops.einsum(equations["merge"], a, b), scale))
-
+        b_scaled = ops.multiply(b, scale)
         low = None if merged else ops.einsum(equations["low"], x, a)
+        kernel = ops.add(w, ops.einsum(equations["merge"], a, b_scaled)) if merged else None
 
         def grad(*args, upstream=None):
             dy = args[0] if upstream is None else upstream  # torch passes `upstream`
-            g = ops.einsum(equations["g"], dy, b)
+            g = ops.einsum(equations["g"], dy, b_scaled)
             if merged:
-                dx = ops.einsum(equations["dx"], dy, kernel())
+                dx = ops.einsum(equations["dx"], dy, kernel)
             else:
-                dx_low = ops.multiply(ops.einsum(equations["dx_low"], g, a), scale)
-                dx = ops.add(ops.einsum(equations["dx"], dy, w), dx_low)
-            da = ops.multiply(_factor_a_gradient(equations, x, g), scale)
+                dx = ops.add(ops.einsum(equations["dx"], dy, w), ops.einsum(equations["dx_low"], g, a))
+            da = _factor_a_gradient(equations, x, g)
             x_a = ops.einsum(equations["low"], x, a) if low is None else low
             db = ops.multiply(_factor_b_gradient(equations, x_a, dy), scale)
             return dx, None, da, db
 
         if merged:
-            return ops.einsum(equations["forward"], x, kernel()), grad
-        delta = ops.multiply(ops.einsum(equations["up"], low, b), scale)
-        return ops.add(ops.einsum(equations["forward"], x, w), delta), grad
+            return ops.einsum(equations["forward"], x, kernel), grad
+        return ops.add(ops.einsum(equations["forward"], x, w), ops.einsum(equations["up"], low, b_scaled)), grad
 
     return forward
+
+
+def _flat_products():
+    """Whether the factors' gradients are written as flattened 2-D products
+    (for XLA's layouts, see `_factor_b_gradient`). Eager torch takes the one
+    einsum instead: its einsum flattens in C++, where each of the six ops
+    written out here costs a Python dispatch per layer and step."""
+    return keras.backend.backend() != "torch"
 
 
 def _factor_a_gradient(equations, x, g):
     """`x^T (dy B^T)` summed over every token axis, in `A`'s layout; one 2-D
     product of the flattened tokens where the equation allows (see
     `_factor_b_gradient`)."""
-    if equations["da_plan"] is None:
+    if equations["da_plan"] is None or not _flat_products():
         return ops.einsum(equations["da"], x, g)
     tokens, order = equations["da_plan"]
     g_axes, x_axes = tuple(g.shape[tokens:]), tuple(x.shape[tokens:])
@@ -180,7 +189,7 @@ def _factor_b_gradient(equations, x_a, dy):
     cost more than the layer's matmuls in a Gemma MLP.
     """
     flat = equations["db_flat"]
-    if not flat:
+    if not flat or not _flat_products():
         return ops.einsum(equations["db"], x_a, dy)
     columns = tuple(dy.shape[-flat:])
     x_a = ops.reshape(x_a, (-1, x_a.shape[-1]))
@@ -198,8 +207,16 @@ def _operands(layer, dtype, b_axes_shape):
     factors are float32 variables; some backends' einsum and matmul refuse
     mixed dtypes, and none should promote the layer); `B` in the shape
     `(rank,) + b_axes_shape` its einsums use."""
-    w, a, b = (ops.cast(v, dtype) for v in (internals.base_weight(layer), *lora.lora_factors(layer)))
+    w, a, b = (_as_dtype(v, dtype) for v in (internals.base_weight(layer), *lora.lora_factors(layer)))
     return w, a, ops.reshape(b, (b.shape[0],) + b_axes_shape)
+
+
+def _as_dtype(variable, dtype):
+    """`variable`'s value in `dtype`, without a cast op where it already is
+    (on eager torch every op costs a Python dispatch, per layer and step)."""
+    if variable.dtype == keras.backend.standardize_dtype(dtype):
+        return variable.value
+    return ops.cast(variable, dtype)
 
 
 def _scale(layer):

@@ -221,4 +221,9 @@ def initialize_lora(
         if residual is not None:
             base.assign(ops.cast(lora.to_kernel(layer, residual), base.dtype))
             layer.hrp_moved_base = method  # the frozen weight is no longer the pretrained one
+            moved = [ops.convert_to_numpy(v).astype("float32") for v in (a_var, b_var)]
+            previous = getattr(layer, "hrp_moved_factors", None)  # a second init moves more
+            if previous is not None:
+                moved = [np.concatenate([previous[0], moved[0]], axis=-1), np.concatenate([previous[1], moved[1]])]
+            layer.hrp_moved_factors = tuple(moved)  # pretrained = frozen + scale * A0 @ B0 (export_peft)
     return [layer.path for layer in layers]

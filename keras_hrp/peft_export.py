@@ -1,19 +1,15 @@
 """`export_peft`: a model's LoRA adapters as a PEFT adapter directory.
 
-PEFT keeps a linear layer's update as `(lora_alpha / r) * lora_B @ lora_A`
-on the torch weight `(out, in)`, the transpose of a Keras kernel. A Keras
-adapter whose `A` has only contracted axes (`Dense`, the 'full'
-factorization, attention outputs) maps to `lora_A = A^T`, `lora_B = B^T`. A
-per-head adapter (`A (hidden, heads, r)`, `B (r, head_dim)`) is a standard
-LoRA of rank `heads * r` with block structure: row `(h, k)` of `lora_A` is
-head `h`'s `k`-th column of `A`, and `lora_B` holds `B^T` in head `h`'s
-block. `lora_alpha` carries the scale (`scale * rank`), per layer where
-ranks differ (`rank_pattern` / `alpha_pattern`).
+Per layer, `keras_hrp.peft_mapping` converts the factors; `lora_alpha`
+carries the scale (`scale * rank`), per layer where ranks differ
+(`rank_pattern` / `alpha_pattern`). An init that moved part of the frozen
+weight into the adapter (PiSSA, MiLoRA, OLoRA, LoRA-GA) exports against the
+original weight: the moved part joins the adapter as a second, negated
+pair (rank `r + r0`), as PEFT's own conversion of such adapters does.
 """
 
 import json
 import os
-import tempfile
 from collections import Counter
 
 import keras
@@ -22,101 +18,75 @@ from keras import ops
 
 from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import peft_files
 from keras_hrp import peft_mapping
 from keras_hrp import settings
 from keras_hrp.adapters import lora_layers
 
 OWNER = "export_peft"
-PREFIX = "base_model.model."
+PREFIX = peft_files.PREFIX
 
 
-def _contracted(layer):
-    """Kernel axes the input contracts, in the input's order."""
-    if not isinstance(layer, keras.layers.EinsumDense):
-        return (0,)
-    inputs, kernel = layer.equation.split("->")[0].split(",")
-    return tuple(kernel.index(c) for c in inputs if c in kernel)
+def _numpy(variable):
+    return ops.convert_to_numpy(variable).astype("float32")
 
 
-def peft_pair(a, b, kernel_shape, a_axes, b_axes, contracted):
-    """`(lora_A, lora_B)` of a Keras adapter `(A, B)` (pure, numpy).
-
-    Args:
-        a: `A`, shaped `[kernel_shape[i] for i in a_axes] + [r]`.
-        b: `B`, shaped `(r, prod(kernel_shape[i] for i in b_axes))`.
-        kernel_shape: the frozen weight's shape.
-        a_axes, b_axes: the kernel axes on `A`'s and `B`'s side.
-        contracted: the kernel axes the input contracts, in the input's order.
-
-    Returns:
-        `lora_A (heads * r, in)` and `lora_B (out, heads * r)`, `in` in
-        `contracted`' order and `out` the other kernel axes in kernel order
-        (a torch `Linear`'s layout); `heads` is the product of `A`'s
-        output axes (1 but for per-head adapters).
-    """
-    r = b.shape[0]
-    heads = [i for i in a_axes if i not in contracted]
-    m = int(np.prod([kernel_shape[i] for i in contracted]))
-    h = int(np.prod([kernel_shape[i] for i in heads]))
-    order = [a_axes.index(i) for i in contracted] + [a_axes.index(i) for i in heads] + [len(a_axes)]
-    a = np.transpose(np.asarray(a).reshape([kernel_shape[i] for i in a_axes] + [r]), order)
-    lora_a = np.transpose(a.reshape(m, h, r), (1, 2, 0)).reshape(h * r, m)
-    blocks = np.zeros((h, b.shape[1], h, r), b.dtype)
-    for head in range(h):
-        blocks[head, :, head, :] = np.asarray(b).T
-    produced = heads + list(b_axes)  # the output axes as the blocks hold them
-    out = sorted(produced)
-    blocks = blocks.reshape([kernel_shape[i] for i in produced] + [h * r])
-    lora_b = np.transpose(blocks, [produced.index(i) for i in out] + [len(produced)])
-    return lora_a, lora_b.reshape(-1, h * r)
-
-
-def _layer_tensors(layer, module):
-    """PEFT's tensors for one LoRA layer, and its rank there."""
-    a, b = (ops.convert_to_numpy(v).astype("float32") for v in lora.lora_factors(layer))
+def _pair(layer, a, b):
+    """PEFT's `(lora_A, lora_B)` of Keras factors `(a, b)` of `layer`."""
     if isinstance(layer, keras.layers.Embedding):
-        return {f"{module}.lora_embedding_A": a.T, f"{module}.lora_embedding_B": b.T}, b.shape[0]
+        return a.T, b.T
     a_axes, b_axes = lora.factor_axes(layer)
-    lora_a, lora_b = peft_pair(a, b, lora.kernel_shape(layer), list(a_axes), list(b_axes), _contracted(layer))
+    contracted = peft_mapping.contracted_axes(getattr(layer, "equation", None))
+    return peft_mapping.peft_pair(a, b, lora.kernel_shape(layer), list(a_axes), list(b_axes), contracted)
+
+
+def _in_out(layer, kernel):
+    """A kernel as the `(in, out)` matrix PEFT's pairs multiply to (transposed)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return kernel
+    contracted = list(peft_mapping.contracted_axes(getattr(layer, "equation", None)))
+    outputs = [i for i in range(kernel.ndim) if i not in contracted]
+    rows = int(np.prod([kernel.shape[i] for i in contracted]))
+    return np.transpose(kernel, contracted + outputs).reshape(rows, -1)
+
+
+def _moved_pair(layer, original):
+    """The pair of `frozen - original` (divided by the layer's scale): with
+    it the adapter applies to the original weight. `None` where nothing moved."""
+    if original is not None:
+        moved = _in_out(layer, _numpy(internals.base_weight(layer))) - _in_out(layer, original)
+        u, s, vt = np.linalg.svd(moved, full_matrices=False)
+        k = int(np.sum(s > s[0] * 1e-6)) if s.size and s[0] > 0 else 0
+        if k == 0:
+            return None
+        return (u[:, :k] * s[:k]).T / lora.lora_scale(layer), vt[:k].T
+    if getattr(layer, "hrp_moved_factors", None) is None:
+        return None
+    a0, b0 = layer.hrp_moved_factors
+    return _pair(layer, a0, -b0)
+
+
+def _layer_tensors(layer, module, original=None):
+    """PEFT's tensors for one LoRA layer, and its rank there."""
+    lora_a, lora_b = _pair(layer, *(_numpy(v) for v in lora.lora_factors(layer)))
+    moved = _moved_pair(layer, original)
+    if moved is not None:
+        lora_a, lora_b = np.concatenate([lora_a, moved[0]]), np.concatenate([lora_b, moved[1]], axis=1)
+    if isinstance(layer, keras.layers.Embedding):
+        return {f"{module}.lora_embedding_A": lora_a, f"{module}.lora_embedding_B": lora_b}, lora_a.shape[0]
     tensors = {f"{module}.lora_A.weight": lora_a, f"{module}.lora_B.weight": lora_b}
     bias = getattr(layer, "bias", None)
     if bias is not None and bias.trainable:
-        tensors[f"{module}.base_layer.bias"] = ops.convert_to_numpy(bias).astype("float32").reshape(-1)
+        tensors[f"{module}.base_layer.bias"] = _numpy(bias).reshape(-1)
     return tensors, lora_a.shape[0]
 
 
 def _head_tensors(layer, module):
     """A trained Dense layer (a task's head) as a PEFT `modules_to_save` entry."""
-    tensors = {f"{module}.weight": ops.convert_to_numpy(layer.kernel).astype("float32").T}
+    tensors = {f"{module}.weight": _numpy(layer.kernel).T}
     if layer.bias is not None:
-        tensors[f"{module}.bias"] = ops.convert_to_numpy(layer.bias).astype("float32")
+        tensors[f"{module}.bias"] = _numpy(layer.bias)
     return tensors
-
-
-def _write_atomic(path, data):
-    handle, temporary = tempfile.mkstemp(prefix=".keras_hrp_", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def safetensors_bytes(tensors):
-    """`tensors` (name -> float32 array) in the safetensors format."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name in sorted(tensors):
-        data = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
 def _plan(model, table):
@@ -128,9 +98,6 @@ def _plan(model, table):
         module = peft_mapping.module_name(table, path)
         if module is None:
             problems.append(f"{path}: no transformers module for this layer")
-        elif getattr(layer, "hrp_moved_base", None):
-            problems.append(f"{path}: its init ({layer.hrp_moved_base}) moved part of the frozen weight into "
-                            "the adapter; the export against the original base is not supported yet")
         elif layer.quantization_mode is not None:
             problems.append(f"{path}: quantized ({layer.quantization_mode})")
         else:
@@ -149,7 +116,29 @@ def _plan(model, table):
     return adapters, heads, problems
 
 
-def export_peft(model, directory, base_model_name_or_path=None, family="bert"):
+def _originals(base_model, table, adapters):
+    """The original frozen weight of each adapted layer, from `base_model`
+    (matched by transformers module); problems where it has none."""
+    if base_model is None:
+        return {}, []
+    found = {}
+    for layer in internals.all_layers(base_model, include_self=False):
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)):
+            module = peft_mapping.module_name(table, layer.path)
+            if module is not None:
+                found[module] = layer
+    originals, problems = {}, []
+    for path, (layer, module) in adapters.items():
+        base = found.get(module)
+        if base is None or tuple(base.variables[0].shape) != tuple(internals.base_weight(layer).shape):
+            problems.append(f"{path}: `base_model` has no layer of the same shape for {module}")
+        else:
+            weight = internals.base_weight(base) if getattr(base, "lora_enabled", False) else base.variables[0]
+            originals[path] = _numpy(weight)
+    return originals, problems
+
+
+def export_peft(model, directory, base_model_name_or_path=None, family="bert", base_model=None):
     """Writes `model`'s LoRA adapters as a PEFT LoRA adapter in `directory`.
 
     `adapter_model.safetensors` and `adapter_config.json`, as PEFT's
@@ -162,12 +151,22 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert"):
     `modules_to_save`. Anything it cannot carry is one error listing every
     layer, and nothing is written.
 
+    Layers whose init moved part of the pretrained weight into the adapter
+    (`initialize_lora` with PiSSA, MiLoRA, OLoRA, LoRA-GA) export against
+    the pretrained weight: in the process that ran the init, from its
+    record; in any process, given `base_model` (the pretrained model, which
+    the export compares each frozen weight with). Without either, a model
+    loaded from a file in a new process exports against its current frozen
+    weights, which the export cannot tell from pretrained ones.
+
     Args:
         model: a Keras model with LoRA layers (`enable_hrp`, `enable_lora`).
         directory: the folder to write (created if needed).
         base_model_name_or_path: recorded in the config for PEFT's
             `from_pretrained` (the transformers base model).
         family: the architecture's mapping table.
+        base_model: optional; the same architecture with the pretrained
+            weights (see above).
 
     Returns:
         The config written, as a dict.
@@ -180,15 +179,20 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert"):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)
     family = settings.choice(OWNER, "family", family, tuple(peft_mapping.FAMILIES))
     directory = settings.path(OWNER, "directory", directory)
-    adapters, heads, problems = _plan(model, peft_mapping.FAMILIES[family])
+    table = peft_mapping.FAMILIES[family]
+    adapters, heads, problems = _plan(model, table)
+    if base_model is not None and not isinstance(base_model, keras.Model):
+        settings.fail(OWNER, "`base_model` must be a Keras model", error=TypeError, base_model=base_model)
+    originals, missing = _originals(base_model, table, adapters)
+    problems += missing
     if not adapters and not problems:
         settings.fail(OWNER, f"model '{model.name}' has no LoRA layer", model=model.name)
     if problems:
         settings.fail(OWNER, f"model '{model.name}' cannot be exported as it is "
                       f"({len(problems)} layers):\n  " + "\n  ".join(problems), family=family)
     tensors, ranks, alphas, biased = {}, {}, {}, False
-    for layer, module in adapters.values():
-        layer_tensors, rank = _layer_tensors(layer, module)
+    for path, (layer, module) in adapters.items():
+        layer_tensors, rank = _layer_tensors(layer, module, originals.get(path))
         biased = biased or any(name.endswith(".bias") for name in layer_tensors)
         tensors.update(layer_tensors)
         ranks[module], alphas[module] = rank, lora.lora_scale(layer) * rank
@@ -206,7 +210,7 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert"):
         "init_lora_weights": True, "inference_mode": True, "use_dora": False, "use_rslora": False,
     }
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(os.path.join(directory, "adapter_model.safetensors"),
-                  safetensors_bytes({PREFIX + name: value for name, value in tensors.items()}))
-    _write_atomic(os.path.join(directory, "adapter_config.json"), json.dumps(config, indent=2).encode())
+    peft_files.write_atomic(os.path.join(directory, peft_files.WEIGHTS),
+                            peft_files.safetensors_bytes({PREFIX + name: value for name, value in tensors.items()}))
+    peft_files.write_atomic(os.path.join(directory, peft_files.CONFIG), json.dumps(config, indent=2).encode())
     return config

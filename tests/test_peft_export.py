@@ -12,21 +12,13 @@ from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import peft_mapping
 from keras_hrp.peft_export import PREFIX
-from keras_hrp.peft_export import peft_pair
+from keras_hrp.peft_files import read_safetensors
+from keras_hrp.peft_mapping import peft_pair
 from tests.helpers import bert_classifier
 from tests.helpers import numpy_of
 
 pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
 TARGETS = ["query", "value", "attention_output", "feedforward_output_dense", "token_embedding"]
-
-
-def read_safetensors(path):
-    with open(path, "rb") as stream:
-        raw = stream.read()
-    size = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8 : 8 + size]), raw[8 + size :]
-    return {name: np.frombuffer(body[slice(*info["data_offsets"])], "<f4").reshape(info["shape"])
-            for name, info in header.items() if name != "__metadata__"}
 
 
 def _delta_as_in_out(layer):
@@ -85,12 +77,12 @@ def test_what_cannot_be_exported_is_listed(tmp_path):
     task, *_ = bert_classifier(dropout=0.0)
     keras_hrp.enable_hrp(task, rank=2, target_layer_names=["query"])
     task.backbone.get_layer("embeddings_layer_norm").trainable = True  # trained, no PEFT place
-    keras_hrp.initialize_lora(task, "pissa")
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match=(
             "(?s)export_peft: model .* cannot be exported as it is .*"
-            "query: its init \\(pissa\\) moved part of the frozen weight.*"
-            "embeddings_layer_norm: trained weights without a PEFT place")):
-        keras_hrp.export_peft(task, tmp_path)
+            "embeddings_layer_norm: trained weights without a PEFT place.*"
+            "query: `base_model` has no layer of the same shape for bert.encoder.layer.0.attention.self.query")):
+        keras_hrp.export_peft(task, tmp_path, base_model=other)
     assert not os.listdir(tmp_path)  # nothing written
     with pytest.raises(ValueError, match="`family` must be one of .*family='gpt9'"):
         keras_hrp.export_peft(task, tmp_path, family="gpt9")
