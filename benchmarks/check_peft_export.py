@@ -48,22 +48,22 @@ def keras_side(args, adapter_dir):
         b = lora.lora_factors(layer)[1]
         b.assign((rng.normal(size=b.shape) * (np.arange(b.shape[0]) < rng.integers(1, 8))[:, None]).astype("float32"))
     keras_hrp.switch_to_main(task)
+    if args.init != "hrp":  # an init that moves part of W into the adapter, then "training"
+        keras_hrp.initialize_lora(task, args.init)
     for layer in layers:
         for variable in lora.lora_factors(layer):
-            variable.assign(rng.normal(scale=args.factor_std, size=variable.shape).astype("float32"))
+            noise = rng.normal(scale=args.factor_std, size=variable.shape).astype("float32")
+            variable.assign(variable + noise if args.init != "hrp" else noise)
     head = task.get_layer("logits")
     head.kernel.assign(rng.normal(scale=0.1, size=head.kernel.shape).astype("float32"))
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=24)
     x = {k: np.asarray(v) for k, v in preprocessor(SENTENCES).items()}
     outputs = {"adapted": _outputs(task, x)}
-    factors = [lora.lora_factors(layer)[1] for layer in layers]
-    values = [keras.ops.convert_to_numpy(b) for b in factors]
-    for b in factors:  # the adapters off: the base model with the same head
-        b.assign(np.zeros(b.shape, "float32"))
-    outputs["base"] = _outputs(task, x)
-    for b, value in zip(factors, values):
-        b.assign(value)
-    config = keras_hrp.export_peft(task, adapter_dir, base_model_name_or_path=preset)
+    pretrained = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    pretrained.get_layer("logits").set_weights(head.get_weights())  # the base model with the same head
+    outputs["base"] = _outputs(pretrained, x)
+    config = keras_hrp.export_peft(task, adapter_dir, base_model_name_or_path=preset,
+                                   base_model=pretrained if args.base_model else None)
     inputs = {"input_ids": x["token_ids"].tolist(), "attention_mask": x["padding_mask"].astype("int64").tolist(),
               "token_type_ids": x["segment_ids"].tolist()}
     return preset, inputs, outputs, config
@@ -78,6 +78,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factorization", choices=("per_head", "full"), default="per_head")
     parser.add_argument("--factor-std", type=float, default=0.02, help="of the random A and B (0: no update)")
+    parser.add_argument("--init", choices=("hrp", "pissa", "olora", "milora"), default="hrp",
+                        help="a residual init exports against the pretrained weights")
+    parser.add_argument("--base-model", action="store_true",
+                        help="export with base_model= (the pretrained model) instead of the init's record")
     parser.add_argument("--venv", default=os.path.join(HERE, ".venv-peft"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "peft_export.md"))
     args = parser.parse_args(argv)
@@ -104,7 +108,8 @@ def main(argv=None):
         gaps[f"{name} update"] = float(np.abs(ours_delta)[where].max())
         gaps[f"{name} adapted"] = float(np.abs(np.asarray(theirs["adapted"][name]) - ours["adapted"][name])[where].max())
     ranks = sorted({config["r"], *config["rank_pattern"].values()})
-    line = (f"| {keras.backend.backend()} | {args.factorization} | {len(config['target_modules'])} | "
+    init = args.init + (", base_model=" if args.base_model else "")
+    line = (f"| {keras.backend.backend()} | {args.factorization} | {init} | {len(config['target_modules'])} | "
             f"{', '.join(map(str, ranks))} | {gaps['logits adapted']:.1e} / {gaps['hidden adapted']:.1e} | "
             f"{gaps['logits update']:.3f} / {gaps['hidden update']:.3f} | {gaps['logits']:.1e} / "
             f"{gaps['hidden']:.1e} | {gaps['logits base']:.1e} / {gaps['hidden base']:.1e} |")
@@ -121,9 +126,9 @@ def main(argv=None):
                     "updates; and how far the two base models "
                     "(KerasHub's and transformers' MiniLM, no adapter; transformers set to KerasHub's tanh GELU, "
                     "`hidden_act='gelu_new'`) already differ.\n\n"
-                    "| backend | factorization | adapted modules | PEFT ranks | PEFT − Keras, adapted "
+                    "| backend | factorization | init | adapted modules | PEFT ranks | PEFT − Keras, adapted "
                     "(logits / hidden) | update | update, PEFT − Keras | base models apart |\n"
-                    "|---|---|---|---|---|---|---|---|\n")
+                    "|---|---|---|---|---|---|---|---|---|\n")
     with open(args.out, "a") as f:
         f.write(line + "\n")
     return 0 if max(gaps["logits adapted"], gaps["hidden adapted"]) <= 1e-4 else 1

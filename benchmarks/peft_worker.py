@@ -3,8 +3,9 @@
 Imports torch, transformers and peft only (no Keras). Reads a job file
 (model directory, the split texts and labels, the runs to do) and prints one
 JSON line per finished run; a job with `"speed"` times PEFT LoRA training
-steps instead, and one with `"adapter"` prints the outputs of the base model
-with that PEFT adapter directory attached.
+steps instead, one with `"adapter"` prints the outputs of the base model
+with that PEFT adapter directory attached, and one with `"train_adapter"`
+trains a PEFT LoRA adapter a few steps, saves it and prints its outputs.
 
     benchmarks/.venv-peft/bin/python benchmarks/peft_worker.py JOB.json
 """
@@ -147,12 +148,43 @@ def adapter_outputs(job):
             for name, out in (("adapted", adapted), ("base", base))}
 
 
+def trained_adapter(job):
+    """Trains a PEFT LoRA adapter (and the head) a few Adam steps on the job's
+    inputs, saves it with `save_pretrained`, returns its logits and last
+    hidden states."""
+    spec = job["train_adapter"]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        job["model_dir"], num_labels=job["num_labels"], **job.get("config", {}))
+    config = LoraConfig(task_type="SEQ_CLS", r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                        target_modules=spec["targets"], rank_pattern=spec["rank_pattern"],
+                        alpha_pattern=spec["alpha_pattern"], use_rslora=spec["rslora"], bias=spec["bias"])
+    model = get_peft_model(model, config)
+    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
+    y = torch.as_tensor(spec["labels"])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+    model.train()
+    for _ in range(spec["steps"]):
+        loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(spec["out"])
+    model.eval()
+    with torch.no_grad():
+        out = model(**x, output_hidden_states=True)
+    return {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist(), "loss": float(loss)}
+
+
 def main(path):
     with open(path) as f:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
     if "speed" in job:
         print(json.dumps(speed(job)), flush=True)
+        return
+    if "train_adapter" in job:
+        print(json.dumps(trained_adapter(job)), flush=True)
         return
     if "adapter" in job:
         print(json.dumps(adapter_outputs(job)), flush=True)
