@@ -1,7 +1,8 @@
 """Quality on real data: every LoRA init (and full fine-tuning) on MiniLM.
 
-all-MiniLM-L6-v2 learns movie-review sentiment (the recipe's model and data)
-with fixed seeded splits: test, validation, train. Each method runs the same
+all-MiniLM-L6-v2 learns movie-review sentiment (the recipe's model and data;
+`--task sources`: which of four sources a sentence comes from, see
+`movie_task.snippet_sources`) with fixed seeded splits: test, validation, train. Each method runs the same
 total number of optimizer steps (HRP's preheat and LoRA-GA's gradient
 batches count), LoRA rank 8 on the attention query/value projections. The
 learning rate is picked per method from a grid on the validation split
@@ -62,7 +63,7 @@ def _accuracy(task, data):
 
 def build(method, args, preset, options, x, y):
     """The task for `method`, its callbacks and how many steps its init used."""
-    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=args.num_classes, preprocessor=None)
     callbacks, init_steps = [], 0
     if method == "hrp":
         keras_hrp.enable_hrp(
@@ -140,7 +141,8 @@ def _key(args, method, lr, seed, variant=""):
     return (f"{keras.backend.backend()}|{method}|{variant}|lr={lr}|seed={seed}|steps={args.steps}"
             f"|bs={args.batch_size}|r={args.rank}|R={args.preheat_rank}|P={args.preheat_steps}"
             f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}"
-            + ("" if args.factorization == "per_head" else f"|f={args.factorization}"))
+            + ("" if args.factorization == "per_head" else f"|f={args.factorization}")
+            + ("" if args.task == "movies" else f"|task={args.task}"))
 
 
 def rate_beyond_edge(val):
@@ -220,7 +222,8 @@ def write_markdown(args, table, rows, path, png):
     backend = keras.backend.backend()
     n_train, n_val, n_test = args.sizes
     lines = [
-        "# Quality on real data: MiniLM + movie-review sentiment",
+        "# Quality on real data: MiniLM + " + {"movies": "movie-review sentiment",
+                                               "sources": "the source of a sentence (4 classes)"}[args.task],
         "",
         f"`KERAS_BACKEND={backend} python benchmarks/bench_quality.py {' '.join(args.argv)}`".replace(" `", "`"),
         "",
@@ -315,10 +318,13 @@ def parse(argv):
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=4000)
     parser.add_argument("--cache", default=".data", help="where the data is cached")
+    parser.add_argument("--task", choices=tuple(movie_task.TASKS), default="movies",
+                        help="movie-review sentiment, or which of four sources a sentence is from")
     parser.add_argument("--tag", default="", help="appended to the result files' names (another setting)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    args.num_classes = movie_task.TASKS[args.task][1]
     if args.quick:
         args.steps, args.seeds, args.ablation_seeds, args.extend_grid = 6, 1, 1, 0
         args.preheat_steps, args.ga_batches = 2, 1
@@ -331,7 +337,7 @@ def main(argv=None):
     args = parse(argv)
     try:
         preset = movie_task.default_preset()
-        texts, labels = movie_task.movie_reviews(args.cache)
+        texts, labels = movie_task.TASKS[args.task][0](args.cache)
     except movie_task.SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -340,7 +346,8 @@ def main(argv=None):
     args.sizes = (len(train), len(val), len(test))
     data = tuple(movie_task.encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
-    name = f"quality_{keras.backend.backend()}{'_quick' if args.quick else ''}{args.tag}"
+    task = "" if args.task == "movies" else f"_{args.task}"
+    name = f"quality_{keras.backend.backend()}{task}{'_quick' if args.quick else ''}{args.tag}"
     cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"), args.report_only)
     picked = pick_learning_rates(args, cache, preset, data)
     rows = ablation(args, cache, preset, data, picked["hrp"]["lr"]) if args.ablation and "hrp" in picked else {}

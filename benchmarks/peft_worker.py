@@ -5,7 +5,9 @@ Imports torch, transformers and peft only (no Keras). Reads a job file
 JSON line per finished run; a job with `"speed"` times PEFT LoRA training
 steps instead, one with `"adapter"` prints the outputs of the base model
 with that PEFT adapter directory attached, and one with `"train_adapter"`
-trains a PEFT LoRA adapter a few steps, saves it and prints its outputs.
+trains a PEFT LoRA adapter a few steps, saves it and prints its outputs; one
+with `"decoder"` does either for a small random transformers decoder (which
+it first creates and saves, for KerasHub to load).
 
     benchmarks/.venv-peft/bin/python benchmarks/peft_worker.py JOB.json
 """
@@ -176,12 +178,58 @@ def trained_adapter(job):
     return {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist(), "loss": float(loss)}
 
 
+def decoder_job(job):
+    """A small random causal LM (`job["decoder"]`): `"make"` creates and saves
+    it, trains a PEFT LoRA adapter on it a few steps and saves that;
+    `"attach"` loads it with the adapter directory `job["adapter"]`. Returns
+    the last hidden states and logits with the adapter and without."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM
+
+    spec = job["decoder"]
+    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
+    if spec["mode"] == "make":
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(spec["model_type"], **spec["config"])
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # random norms, so a swapped or missed norm shows
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)
+        model.save_pretrained(spec["model_dir"])
+        model = get_peft_model(model, LoraConfig(
+            r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=spec["targets"],
+            rank_pattern=spec["rank_pattern"], init_lora_weights="gaussian"))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+        model.train()
+        for _ in range(spec["steps"]):
+            loss = model(**x, labels=x["input_ids"]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.save_pretrained(spec["adapter"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
+        model = PeftModel.from_pretrained(model, spec["adapter"])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**x, output_hidden_states=True)
+        with model.disable_adapter():
+            base = model(**x, output_hidden_states=True)
+    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
+            for name, out in (("adapted", adapted), ("base", base))}
+
+
 def main(path):
     with open(path) as f:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
     if "speed" in job:
         print(json.dumps(speed(job)), flush=True)
+        return
+    if "decoder" in job:
+        print(json.dumps(decoder_job(job)), flush=True)
         return
     if "train_adapter" in job:
         print(json.dumps(trained_adapter(job)), flush=True)

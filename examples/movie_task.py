@@ -4,6 +4,9 @@ Shared by `finetune_minilm.py` (the demo) and the benchmarks: the embedded
 model (checked against its sha256), the 10,605 rated sentences of the
 `vaderSentiment==3.3.2` source distribution (label = mean rating > 0,
 cached as TSV), fixed seeded splits, encoding, and a per-step loss curve.
+A second task of another kind from the same pinned file: `snippet_sources`,
+which of four sources (tweets, New York Times editorials, Amazon product
+reviews, movie reviews) a sentence comes from.
 Keras is imported only inside functions, so a script can choose its backend
 first.
 """
@@ -20,6 +23,8 @@ MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 DATA_SDIST = "vaderSentiment-3.3.2.tar.gz"
 DATA_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 DATA_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+SOURCES = ("tweets", "nytEditorialSnippets", "amazonReviewSnippets", "movieReviewSnippets")
+RESOURCES = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 
 
 class SetupError(Exception):
@@ -65,21 +70,48 @@ def _fetch_sdist(cache):
     return path
 
 
-def movie_reviews(cache):
-    """`(texts, labels)` of the 10,605 movie-review sentences, cached as TSV."""
-    cached = os.path.join(cache, "movie_reviews.tsv")
+def _ground_truth(cache, name):
+    """`[(id, score, text)]` of one of the sdist's `*_GroundTruth.txt` files."""
+    with tarfile.open(_fetch_sdist(cache)) as sdist:
+        with tarfile.open(fileobj=sdist.extractfile(RESOURCES)) as resources:
+            raw = resources.extractfile(f"hutto_ICWSM_2014/{name}_GroundTruth.txt").read()
+    return [line.split("\t") for line in raw.decode("utf-8", "replace").split("\r\n") if line.strip()]
+
+
+def _cached_table(cache, name, rows):
+    """`(texts, labels)` of `cache/name`, written from `rows()` (text, label) once."""
+    cached = os.path.join(cache, name)
     if not os.path.exists(cached):
         os.makedirs(cache, exist_ok=True)
-        with tarfile.open(_fetch_sdist(cache)) as sdist:
-            inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
-            with tarfile.open(fileobj=inner) as resources:
-                raw = resources.extractfile(DATA_MEMBER).read().decode("utf-8", "replace")
-        rows = [line.split("\t") for line in raw.split("\r\n") if line.strip()]
         with open(cached + ".tmp", "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerows((text, int(float(score) > 0)) for _, score, text in rows)
+            csv.writer(f, delimiter="\t").writerows(rows())
         os.replace(cached + ".tmp", cached)
     return read_table(cached, delimiter="\t", header=False)
+
+
+def movie_reviews(cache):
+    """`(texts, labels)` of the 10,605 movie-review sentences, cached as TSV."""
+    return _cached_table(cache, "movie_reviews.tsv", lambda: [
+        (text, int(float(score) > 0)) for _, score, text in _ground_truth(cache, "movieReviewSnippets")])
+
+
+def snippet_sources(cache, per_source=3700):
+    """`(texts, labels)`: `per_source` sentences of each of `SOURCES` (a
+    fixed seeded sample; the smallest has 3,708), label = the source's index."""
+    import numpy as np
+
+    def rows():
+        out = []
+        for label, name in enumerate(SOURCES):
+            texts = [text for _, _, text in _ground_truth(cache, name)]
+            keep = np.random.default_rng(label).permutation(len(texts))[:per_source]
+            out += [(texts[i], label) for i in sorted(keep)]
+        return out
+
+    return _cached_table(cache, f"snippet_sources_{per_source}.tsv", rows)
+
+
+TASKS = {"movies": (movie_reviews, 2), "sources": (snippet_sources, len(SOURCES))}
 
 
 def read_table(path, delimiter=",", header=True):

@@ -32,7 +32,30 @@ BERT = (
     (r"pooled_dense", "bert.pooler.dense"),
     (r"logits", "classifier"),
 )
-FAMILIES = {"bert": BERT}
+# KerasHub GemmaBackbone -> transformers GemmaForCausalLM (what KerasHub's own
+# converter of transformers checkpoints maps). The tied token embedding is
+# left out: KerasHub's LoRA on it also changes the output projection,
+# PEFT's on `embed_tokens` the input lookup only.
+GEMMA = (
+    (r"decoder_block_(\d+)/attention/query", "model.layers.{0}.self_attn.q_proj"),
+    (r"decoder_block_(\d+)/attention/key", "model.layers.{0}.self_attn.k_proj"),
+    (r"decoder_block_(\d+)/attention/value", "model.layers.{0}.self_attn.v_proj"),
+    (r"decoder_block_(\d+)/attention/attention_output", "model.layers.{0}.self_attn.o_proj"),
+    (r"decoder_block_(\d+)/ffw_gating", "model.layers.{0}.mlp.gate_proj"),
+    (r"decoder_block_(\d+)/ffw_gating_2", "model.layers.{0}.mlp.up_proj"),
+    (r"decoder_block_(\d+)/ffw_linear", "model.layers.{0}.mlp.down_proj"),
+)
+# KerasHub LlamaBackbone -> transformers LlamaForCausalLM (embeddings left out, as for Gemma).
+LLAMA = (
+    (r"transformer_layer_(\d+)/self_attention/query", "model.layers.{0}.self_attn.q_proj"),
+    (r"transformer_layer_(\d+)/self_attention/key", "model.layers.{0}.self_attn.k_proj"),
+    (r"transformer_layer_(\d+)/self_attention/value", "model.layers.{0}.self_attn.v_proj"),
+    (r"transformer_layer_(\d+)/self_attention/attention_output", "model.layers.{0}.self_attn.o_proj"),
+    (r"transformer_layer_(\d+)/feedforward_gate_dense", "model.layers.{0}.mlp.gate_proj"),
+    (r"transformer_layer_(\d+)/feedforward_intermediate_dense", "model.layers.{0}.mlp.up_proj"),
+    (r"transformer_layer_(\d+)/feedforward_output_dense", "model.layers.{0}.mlp.down_proj"),
+)
+FAMILIES = {"bert": BERT, "gemma": GEMMA, "llama": LLAMA}
 
 
 def module_name(table, path):

@@ -106,13 +106,14 @@ def test_peft_configs_and_table(tmp_path):
 @pytest.mark.skipif(BACKEND != "jax", reason="a real MiniLM run is minutes; once per CI, on JAX")
 def test_quality_quick_real_run(tmp_path):
     quality = _load("bench_quality")
-    code = quality.main(["--quick", "--methods", "lora_ga", "hrp", "--factorization", "full",
+    code = quality.main(["--quick", "--methods", "lora_ga", "hrp", "--factorization", "full", "--task", "sources",
                          "--out", str(tmp_path), "--cache", os.path.join(ROOT, ".data")])
     assert code == 0
-    with open(os.path.join(tmp_path, "quality_jax_quick.md")) as f:
+    with open(os.path.join(tmp_path, "quality_jax_sources_quick.md")) as f:
         text = f.read()
     assert "| lora_ga |" in text and "| hrp |" in text and "factorization full" in text
-    runs = [json.loads(line)["result"] for line in open(os.path.join(tmp_path, "quality_jax_quick_runs.jsonl"))]
+    assert "the source of a sentence (4 classes)" in text
+    runs = [json.loads(line)["result"] for line in open(os.path.join(tmp_path, "quality_jax_sources_quick_runs.jsonl"))]
     assert len(runs) == 2
     assert sorted(len(r["curve"]) for r in runs) == [5, 6]  # LoRA-GA's batch counts as a step
     assert all(0.0 <= r["test"] <= 1.0 for r in runs)

@@ -69,3 +69,15 @@ def test_csv_data(tmp_path):
         f.write("a,b\n1,2\n")
     with pytest.raises(recipe.SetupError, match="needs `text` and `label` columns"):
         recipe.read_table(path)
+
+
+def test_snippet_sources_are_balanced_fixed_and_from_four_sources():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import movie_task
+
+    texts, labels = movie_task.snippet_sources(CACHE)
+    assert len(texts) == 14_800 and [labels.count(i) for i in range(4)] == [3700] * 4
+    again = movie_task.snippet_sources(CACHE, per_source=3700)  # the cached table
+    assert again == (texts, labels)
+    movies, _ = movie_task.movie_reviews(CACHE)
+    assert set(texts[labels.index(3):]) <= set(movies)  # label 3: the movie-review sentences

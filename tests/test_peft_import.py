@@ -151,3 +151,25 @@ def test_residual_inits_export_against_the_pretrained_weights(record, tmp_path):
     keras_hrp.import_peft(target, tmp_path)
     np.testing.assert_allclose(numpy_of(target.predict(x, verbose=0)), numpy_of(source.predict(x, verbose=0)),
                                atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_decoder_tables_round_trip_every_linear_layer(family, tmp_path):
+    from tests.helpers import gemma_causal_lm
+    from tests.helpers import llama_causal_lm
+
+    make = {"gemma": gemma_causal_lm, "llama": llama_causal_lm}[family]
+    source, x, *_ = make()
+    target, *_ = make()
+    target.set_weights(source.get_weights())
+    layers = keras_hrp.enable_hrp(source, rank=2, target_layer_names=list(keras_hrp.hub.LINEAR_LAYER_NAMES[family]),
+                                  lora_alpha=4.0)
+    _randomize_factors(layers)
+    config = keras_hrp.export_peft(source, tmp_path, family=family)
+    modules = config["target_modules"]
+    assert len(modules) == len(layers) == 14  # 2 blocks x q, k, v, o, gate, up, down
+    assert {m.rsplit(".", 1)[1] for m in modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"}
+    keras_hrp.import_peft(target, tmp_path, family=family)
+    np.testing.assert_allclose(numpy_of(target.predict(x, verbose=0)), numpy_of(source.predict(x, verbose=0)),
+                               atol=1e-4)
