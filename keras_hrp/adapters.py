@@ -154,19 +154,10 @@ def check_plan(model, items, owner):
             )
             continue
         factorization = "per_head" if state is None else state.factorization
-        if layer.lora_enabled and lora.factorization_of(layer) != factorization:
-            problems.append(
-                f"{layer_path}: file factorization '{factorization}', the layer uses "
-                f"'{lora.factorization_of(layer)}'"
-            )
+        problem = lora.load_problem(layer, a.shape, b.shape, rank, factorization)
+        if problem:
+            problems.append(f"{layer_path}: {problem}")
             continue
-        want_a = lora.a_shape_at_rank(layer, rank, factorization)
-        want_b = lora.b_shape_at_rank(layer, rank, factorization)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            problems.append(
-                f"{layer_path}: file A{tuple(a.shape)} B{tuple(b.shape)}, "
-                f"layer needs A{want_a} B{want_b}"
-            )
         weights = {v.name: v for v in layer.weights}
         for name, value in extras.items():
             if name not in weights or tuple(weights[name].shape) != value.shape:

@@ -272,20 +272,9 @@ def _match(model, header, arrays, sidecar, owner):
             continue
         state = HRPState.from_dict(saved["state"], f"{owner}, layer '{saved['path']}'")
         a, b = arrays[f"layer{i}.A"], arrays[f"layer{i}.B"]
-        rank, factorization = state.current_rank, state.factorization
-        if layer_state(layer) is not None and lora.factorization_of(layer) != factorization:
-            problems.append(
-                f"{saved['path']}: saved with factorization '{factorization}', the layer "
-                f"uses '{lora.factorization_of(layer)}'"
-            )
-            continue
-        want_a = lora.a_shape_at_rank(layer, rank, factorization)
-        want_b = lora.b_shape_at_rank(layer, rank, factorization)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            problems.append(
-                f"{saved['path']}: saved A{tuple(a.shape)} B{tuple(b.shape)}, "
-                f"layer needs A{want_a} B{want_b}"
-            )
+        problem = lora.load_problem(layer, a.shape, b.shape, state.current_rank, state.factorization)
+        if problem:
+            problems.append(f"{saved['path']}: {problem}")
             continue
         frozen = {name: arrays[f"layer{i}.frozen{j}"] for j, name in enumerate(saved["frozen"])}
         entries.append({

@@ -102,6 +102,17 @@ def weight_matrix_shape(layer, factorization=None):
     return math.prod(shape[i] for i in a_axes), math.prod(shape[i] for i in b_axes)
 
 
+def load_problem(layer, a_shape, b_shape, rank, factorization):
+    """Why saved factors of these shapes (rank `rank`, factored as
+    `factorization`) cannot load into `layer`, or `None`."""
+    if getattr(layer, "lora_enabled", False) and factorization_of(layer) != factorization:
+        return f"saved with factorization '{factorization}', the layer uses '{factorization_of(layer)}'"
+    want_a, want_b = a_shape_at_rank(layer, rank, factorization), b_shape_at_rank(layer, rank, factorization)
+    if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
+        return f"saved A{tuple(a_shape)} B{tuple(b_shape)}, layer needs A{want_a} B{want_b}"
+    return None
+
+
 def max_useful_rank(layer, factorization=None):
     """Largest rank at which the delta `A @ B` can still gain rank."""
     return min(weight_matrix_shape(layer, factorization))

@@ -96,7 +96,7 @@ def test_shape_mismatch(trained):
     tokens = keras.Input((12,), dtype="int32")
     h = keras.layers.Embedding(100, 16, name="embed")(tokens)
     wrong = keras.Model(tokens, keras.layers.Dense(32, name="ffn")(h))
-    with pytest.raises(ValueError, match=r"embed: file A\(100, 2\) B\(2, 32\), layer needs A\(100, 2\) B\(2, 16\)"):
+    with pytest.raises(ValueError, match=r"embed: saved A\(100, 2\) B\(2, 32\), layer needs A\(100, 2\) B\(2, 16\)"):
         keras_hrp.load_adapters(wrong, path)
 
 
@@ -193,7 +193,7 @@ def test_files_record_the_factorization(tmp_path):
     keras_hrp.save_adapters(model, path)
     per_head = tiny_model()
     keras_hrp.enable_hrp(per_head, rank=2, target_layer_names=["query"])
-    with pytest.raises(ValueError, match="mha/query: file factorization 'full', the layer uses 'per_head'"):
+    with pytest.raises(ValueError, match="mha/query: saved with factorization 'full', the layer uses 'per_head'"):
         keras_hrp.load_adapters(per_head, path)
     fresh = tiny_model()
     keras_hrp.load_adapters(fresh, path)
