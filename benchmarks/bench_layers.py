@@ -2,10 +2,11 @@
 
 Each shape is one frozen layer with a rank-8 adapter after a trainable scale
 (so its input's gradient is needed, as inside a network), trained with SGD.
-Step times of stock `enable_lora`, keras-hrp's chosen form ("auto") and each
+Step times of stock `enable_lora`, keras-hrp's chosen form ("auto"), each
 form forced (unmerged `x W + s (x A) B`; merged `x K` with factored
-gradients) are interleaved and summarized by medians, as ratios to stock in
-the same run. `keras_hrp.fast_lora` picks the merged form when the tokens
+gradients) and the layer without an adapter ("frozen": its input's gradient
+only, the per-layer floor no LoRA path can beat) are interleaved and
+summarized by medians, as ratios to stock in the same run. `keras_hrp.fast_lora` picks the merged form when the tokens
 reach `2 m n / (m + n)` for an `m x n` weight; this benchmark is where that
 threshold comes from, and where it can be checked on other hardware.
 
@@ -33,7 +34,9 @@ SETS = {
         "MiniLM q (per head)": ("abc,cde->abde", (12, 32), 384, 32, 48),
         "MiniLM MLP in": ("dense", (1536,), 384, 32, 48),
         "Gemma-shaped q (per head)": ("btd,ndh->btnh", (8, 128), 1024, 1, 512),
+        "Gemma-shaped k / v (one head)": ("btd,ndh->btnh", (1, 128), 1024, 1, 512),
         "Gemma-shaped MLP": ("dense", (4096,), 1024, 1, 512),
+        "Gemma-shaped MLP down": ("dense", (1024,), 4096, 1, 512),
         "1024 x 1024, 1,024 tokens": ("dense", (1024,), 1024, 2, 512),
         "1024 x 1024, 4,096 tokens": ("dense", (1024,), 1024, 8, 512),
     },
@@ -45,6 +48,7 @@ SETS = {
     },
 }
 FORMS = ("auto", "unmerged", "merged")
+FROZEN = "frozen"
 
 
 class Scale(keras.layers.Layer):
@@ -75,8 +79,11 @@ def _model(spec, kind, dtype):
         layer = keras.layers.EinsumDense(equation, (seq, *out), dtype=dtype)
     inputs = keras.Input((seq, width), dtype=dtype)
     model = keras.Model(inputs, layer(Scale(dtype=dtype)(inputs)))
-    layer.enable_lora(8)
-    if kind != "stock":
+    if kind == FROZEN:
+        layer.trainable = False
+    else:
+        layer.enable_lora(8)
+    if kind in FORMS:
         fast_lora.use_fast_lora(layer)
         layer.bench_form = kind
     model.compile(keras.optimizers.SGD(1e-3), "mse")
@@ -88,7 +95,7 @@ def bench(spec, args):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * args.steps, seq, width)).astype("float32")
     runs, layers = {}, {}
-    for kind in ("stock", *FORMS):
+    for kind in ("stock", *FORMS, FROZEN):
         model, layers[kind] = _model(spec, kind, args.dtype)
         y = np.zeros((len(x), *model.output_shape[1:]), "float32")
 
@@ -129,14 +136,16 @@ def main(argv=None):
         f"{' --quick' if args.quick else ''}`; {timing.machine(backend, keras.__version__)}. Rank 8, "
         f"SGD; {args.steps}-step epochs interleaved, {args.repeats} repeats, medians.",
         "",
-        "| layer | tokens | stock (ms) | keras-hrp auto / stock | unmerged / stock | merged / stock | auto chose |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | tokens | stock (ms) | keras-hrp auto / stock | unmerged / stock | merged / stock | auto chose "
+        "| frozen / stock | keras-hrp auto / frozen |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, spec in shapes.items():
         medians, chose, tokens = bench(spec, args)
         stock = medians["stock"]
         lines.append(f"| {name} | {tokens:,} | {stock * 1e3:.2f} | **{medians['auto'] / stock:.3f}** | "
-                     f"{medians['unmerged'] / stock:.3f} | {medians['merged'] / stock:.3f} | {chose} |")
+                     f"{medians['unmerged'] / stock:.3f} | {medians['merged'] / stock:.3f} | {chose} | "
+                     f"{medians[FROZEN] / stock:.3f} | {medians['auto'] / medians[FROZEN]:.3f} |")
         print(lines[-1], flush=True)
     lines.append("")
     os.makedirs(args.out, exist_ok=True)

@@ -45,6 +45,30 @@ def ensure_venv(path):
     return python
 
 
+def run_worker(python, job):
+    """Runs `peft_worker.py` on one `job` (a dict) in the PEFT venv's `python`;
+    returns the JSON object its last line of output holds."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "job.json")
+        with open(path, "w") as f:
+            json.dump(job, f)
+        done = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), path], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"the PEFT worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def append_rows(path, header, rows):
+    """Appends table `rows` to the results file `path`, written first with
+    `header` (its title, text and table head) when it does not exist."""
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(header)
+    with open(path, "a") as f:
+        f.write("".join(row + "\n" for row in rows))
+
+
 def _key(args, run):
     return (f"peft|{run['init']}|r={run['rank']}|lr={run['lr']}|seed={run['seed']}|steps={args.steps}"
             f"|bs={args.batch_size}|len={args.seq_len}|threads={args.threads}"

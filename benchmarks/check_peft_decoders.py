@@ -18,9 +18,7 @@ Prints the largest absolute differences and appends them to
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -46,17 +44,6 @@ FAMILIES = {
 SPEC = {"rank": 4, "alpha": 8, "rank_pattern": {"v_proj": 2, "down_proj": 6}, "steps": 3, "lr": 1e-2}
 
 
-def _worker(python, job, folder):
-    path = os.path.join(folder, "job.json")
-    with open(path, "w") as f:
-        json.dump(job, f)
-    done = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), path], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"the PEFT worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def _outputs(backbone, x):
     hidden = backbone({"token_ids": x["input_ids"], "padding_mask": x["attention_mask"].astype(bool)})
     logits = backbone.token_embedding(hidden, reverse=True)
@@ -74,9 +61,9 @@ def check(family, python, folder):
          "attention_mask": np.ones((2, 12), "int64")}
     inputs = {k: v.tolist() for k, v in x.items()}
     model_dir, peft_dir, ours_dir = (os.path.join(folder, n) for n in ("model", "peft", "keras"))
-    made = _worker(python, {"threads": 1, "inputs": inputs, "decoder": {
+    made = bench_peft.run_worker(python, {"threads": 1, "inputs": inputs, "decoder": {
         "mode": "make", "model_type": model_type, "config": config, "model_dir": model_dir,
-        "adapter": peft_dir, "targets": TARGETS, **SPEC}}, folder)
+        "adapter": peft_dir, "targets": TARGETS, **SPEC}})
     rows = {}
     backbone = backbone_cls.from_preset(model_dir)
     rows["base models apart"] = _gap(made["base"], _outputs(backbone, x))
@@ -92,8 +79,8 @@ def check(family, python, folder):
             variable.assign(rng.normal(scale=0.1, size=variable.shape).astype("float32"))
     ours = _outputs(backbone, x)
     keras_hrp.export_peft(backbone, ours_dir, base_model_name_or_path=model_dir, family=family)
-    attached = _worker(python, {"threads": 1, "inputs": inputs, "decoder": {
-        "mode": "attach", "model_dir": model_dir, "adapter": ours_dir}}, folder)
+    attached = bench_peft.run_worker(python, {"threads": 1, "inputs": inputs, "decoder": {
+        "mode": "attach", "model_dir": model_dir, "adapter": ours_dir}})
     rows["export (per head)"] = _gap(attached["adapted"], ours)
     return rows, update, len(layers)
 
@@ -115,21 +102,17 @@ def main(argv=None):
                      f"{update['hidden']:.3f} / {update['logits']:.3f} |")
         worst = max(worst, rows["import"]["hidden"], rows["export (per head)"]["hidden"])
         print(lines[-1], flush=True)
-    if not os.path.exists(args.out):
-        with open(args.out, "w") as f:
-            f.write("# PEFT export and import for Gemma and Llama\n\n"
-                    "`KERAS_BACKEND=<backend> python benchmarks/check_peft_decoders.py`: a random "
-                    "transformers decoder (hidden 64, 2 blocks, 4 query / 2 key-value heads of 16, MLP 128, "
-                    "random norms), saved and loaded by KerasHub's converter. Import: PEFT trains LoRA "
-                    f"(r {SPEC['rank']}, rank pattern {SPEC['rank_pattern']}) on every linear layer "
-                    f"{SPEC['steps']} Adam steps, `import_peft` loads it. Export: keras-hrp per-head "
-                    "adapters with random factors on the same layers, attached by PEFT. Largest "
-                    "|transformers + PEFT − Keras| of the last hidden states / logits, float32; "
-                    "and how far PEFT's trained adapter moved them.\n\n"
-                    "| backend | family | adapted layers | base models apart | import | export (per head) "
-                    "| PEFT adapter's update |\n|---|---|---|---|---|---|---|\n")
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    bench_peft.append_rows(args.out, "# PEFT export and import for Gemma and Llama\n\n"
+                           "`KERAS_BACKEND=<backend> python benchmarks/check_peft_decoders.py`: a random "
+                           "transformers decoder (hidden 64, 2 blocks, 4 query / 2 key-value heads of 16, MLP 128, "
+                           "random norms), saved and loaded by KerasHub's converter. Import: PEFT trains LoRA "
+                           f"(r {SPEC['rank']}, rank pattern {SPEC['rank_pattern']}) on every linear layer "
+                           f"{SPEC['steps']} Adam steps, `import_peft` loads it. Export: keras-hrp per-head "
+                           "adapters with random factors on the same layers, attached by PEFT. Largest "
+                           "|transformers + PEFT − Keras| of the last hidden states / logits, float32; "
+                           "and how far PEFT's trained adapter moved them.\n\n"
+                           "| backend | family | adapted layers | base models apart | import | export (per head) "
+                           "| PEFT adapter's update |\n|---|---|---|---|---|---|---|\n", lines)
     return 0 if worst <= 1e-4 else 1
 
 

@@ -13,9 +13,7 @@ largest absolute differences and appends them to `results/peft_export.md`.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -89,15 +87,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         adapter = os.path.join(folder, "adapter")
         preset, inputs, ours, config = keras_side(args, adapter)
-        job = os.path.join(folder, "job.json")
-        with open(job, "w") as f:
-            json.dump({"model_dir": preset, "adapter": adapter, "inputs": inputs, "num_labels": 2,
-                       "threads": 1, "config": {"hidden_act": "gelu_new"}}, f)  # KerasHub's BERT: tanh GELU
-        done = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), job], capture_output=True,
-                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"the PEFT worker failed:\n{done.stderr[-3000:]}")
-        theirs = json.loads(done.stdout.strip().splitlines()[-1])
+        theirs = bench_peft.run_worker(python, {
+            "model_dir": preset, "adapter": adapter, "inputs": inputs, "num_labels": 2, "threads": 1,
+            "config": {"hidden_act": "gelu_new"}})  # KerasHub's BERT: tanh GELU
     valid = np.asarray(inputs["attention_mask"], bool)  # padded positions differ by design
     gaps = {}
     for name, where in (("logits", Ellipsis), ("hidden", valid)):
@@ -114,23 +106,19 @@ def main(argv=None):
             f"{gaps['logits update']:.3f} / {gaps['hidden update']:.3f} | {gaps['logits']:.1e} / "
             f"{gaps['hidden']:.1e} | {gaps['logits base']:.1e} / {gaps['hidden base']:.1e} |")
     print(line)
-    if not os.path.exists(args.out):
-        with open(args.out, "w") as f:
-            f.write("# export_peft against transformers + PEFT\n\n"
-                    "`KERAS_BACKEND=<backend> python benchmarks/check_peft_export.py --factorization <f>`: "
-                    "all-MiniLM-L6-v2 with keras-hrp LoRA on every linear layer of every block "
-                    "(auto ranks), random factors and head, float32, 4 real sentences; the largest "
-                    "|transformers + PEFT − Keras| of the logits / last hidden states (unpadded tokens) "
-                    "with the adapter; the adapter's update (output with it minus without it; PEFT: "
-                    "`disable_adapter`, the exported head in both) and the largest difference of the two "
-                    "updates; and how far the two base models "
-                    "(KerasHub's and transformers' MiniLM, no adapter; transformers set to KerasHub's tanh GELU, "
-                    "`hidden_act='gelu_new'`) already differ.\n\n"
-                    "| backend | factorization | init | adapted modules | PEFT ranks | PEFT − Keras, adapted "
-                    "(logits / hidden) | update | update, PEFT − Keras | base models apart |\n"
-                    "|---|---|---|---|---|---|---|---|---|\n")
-    with open(args.out, "a") as f:
-        f.write(line + "\n")
+    bench_peft.append_rows(args.out, "# export_peft against transformers + PEFT\n\n"
+                           "`KERAS_BACKEND=<backend> python benchmarks/check_peft_export.py --factorization <f>`: "
+                           "all-MiniLM-L6-v2 with keras-hrp LoRA on every linear layer of every block "
+                           "(auto ranks), random factors and head, float32, 4 real sentences; the largest "
+                           "|transformers + PEFT − Keras| of the logits / last hidden states (unpadded tokens) "
+                           "with the adapter; the adapter's update (output with it minus without it; PEFT: "
+                           "`disable_adapter`, the exported head in both) and the largest difference of the two "
+                           "updates; and how far the two base models "
+                           "(KerasHub's and transformers' MiniLM, no adapter; transformers set to KerasHub's tanh GELU, "
+                           "`hidden_act='gelu_new'`) already differ.\n\n"
+                           "| backend | factorization | init | adapted modules | PEFT ranks | PEFT − Keras, adapted "
+                           "(logits / hidden) | update | update, PEFT − Keras | base models apart |\n"
+                           "|---|---|---|---|---|---|---|---|---|\n", [line])
     return 0 if max(gaps["logits adapted"], gaps["hidden adapted"]) <= 1e-4 else 1
 
 

@@ -15,7 +15,6 @@ to `results/peft_import.md`.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -49,16 +48,11 @@ def main(argv=None):
     inputs = {"input_ids": x["token_ids"].tolist(), "attention_mask": x["padding_mask"].astype("int64").tolist(),
               "token_type_ids": x["segment_ids"].tolist()}
     with tempfile.TemporaryDirectory() as folder:
-        adapter, job = os.path.join(folder, "adapter"), os.path.join(folder, "job.json")
-        with open(job, "w") as f:
-            json.dump({"model_dir": preset, "inputs": inputs, "num_labels": 2, "threads": 1,
-                       "config": {"hidden_act": "gelu_new"},  # KerasHub's BERT: tanh GELU
-                       "train_adapter": {**SPEC, "out": adapter}}, f)
-        done = subprocess.run([python, os.path.join(HERE, "peft_worker.py"), job], capture_output=True,
-                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"the PEFT worker failed:\n{done.stderr[-3000:]}")
-        theirs = json.loads(done.stdout.strip().splitlines()[-1])
+        adapter = os.path.join(folder, "adapter")
+        theirs = bench_peft.run_worker(python, {
+            "model_dir": preset, "inputs": inputs, "num_labels": 2, "threads": 1,
+            "config": {"hidden_act": "gelu_new"},  # KerasHub's BERT: tanh GELU
+            "train_adapter": {**SPEC, "out": adapter}})
         task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
         base = check_peft_export._outputs(task, x)
         paths = keras_hrp.import_peft(task, adapter)
@@ -74,21 +68,17 @@ def main(argv=None):
             f"{config['use_rslora']} / {config['bias']} | {gaps['logits']:.1e} / {gaps['hidden']:.1e} | "
             f"{gaps['logits update']:.3f} / {gaps['hidden update']:.3f} |")
     print(line)
-    if not os.path.exists(args.out):
-        with open(args.out, "w") as f:
-            f.write("# import_peft against transformers + PEFT\n\n"
-                    "`KERAS_BACKEND=<backend> python benchmarks/check_peft_import.py`: PEFT (torch, "
-                    "`benchmarks/.venv-peft`) trains a LoRA adapter on all-MiniLM-L6-v2 for "
-                    f"{SPEC['steps']} Adam steps (lr {SPEC['lr']}) on 4 real sentences — every linear layer "
-                    "of every block, per-module ranks and alphas, rsLoRA, trained biases and the "
-                    "classifier head — and saves it; Keras loads the same pretrained directory, "
-                    "`import_peft` reads the adapter. Largest |PEFT − Keras| of the logits / last hidden "
-                    "states (unpadded tokens), float32, and how far the imported adapter (with the "
-                    "trained head) moved Keras' outputs.\n\n"
-                    "| backend | imported layers | PEFT ranks | rsLoRA / bias | PEFT − Keras (logits / hidden) "
-                    "| update (logits / hidden) |\n|---|---|---|---|---|---|\n")
-    with open(args.out, "a") as f:
-        f.write(line + "\n")
+    bench_peft.append_rows(args.out, "# import_peft against transformers + PEFT\n\n"
+                           "`KERAS_BACKEND=<backend> python benchmarks/check_peft_import.py`: PEFT (torch, "
+                           "`benchmarks/.venv-peft`) trains a LoRA adapter on all-MiniLM-L6-v2 for "
+                           f"{SPEC['steps']} Adam steps (lr {SPEC['lr']}) on 4 real sentences — every linear layer "
+                           "of every block, per-module ranks and alphas, rsLoRA, trained biases and the "
+                           "classifier head — and saves it; Keras loads the same pretrained directory, "
+                           "`import_peft` reads the adapter. Largest |PEFT − Keras| of the logits / last hidden "
+                           "states (unpadded tokens), float32, and how far the imported adapter (with the "
+                           "trained head) moved Keras' outputs.\n\n"
+                           "| backend | imported layers | PEFT ranks | rsLoRA / bias | PEFT − Keras (logits / hidden) "
+                           "| update (logits / hidden) |\n|---|---|---|---|---|---|\n", [line])
     return 0 if max(gaps["logits"], gaps["hidden"]) <= 1e-4 else 1
 
 

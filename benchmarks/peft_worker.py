@@ -127,6 +127,34 @@ def speed(job):
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+def _tensors(inputs):
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
+
+
+def adam_steps(model, steps, lr, loss_fn):
+    """`steps` Adam steps on `model`'s trainable parameters; the last loss."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
+def with_and_without(model, x):
+    """Logits and last hidden states of a PEFT `model` on `x` with its adapter
+    (`"adapted"`) and without (`"base"`), in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**x, output_hidden_states=True)
+        with model.disable_adapter():
+            base = model(**x, output_hidden_states=True)
+    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
+            for name, out in (("adapted", adapted), ("base", base))}
+
+
 def adapter_outputs(job):
     """Logits and last hidden states of the base model with a PEFT adapter
     directory attached (`PeftModel.from_pretrained`) and with it disabled
@@ -140,14 +168,8 @@ def adapter_outputs(job):
     with torch.no_grad():
         for name in ("weight", "bias"):
             getattr(model.classifier, name).copy_(saved[f"base_model.model.classifier.{name}"])
-    model = PeftModel.from_pretrained(model, job["adapter"]).eval()
-    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
-    with torch.no_grad():
-        adapted = model(**x, output_hidden_states=True)
-        with model.disable_adapter():
-            base = model(**x, output_hidden_states=True)
-    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
-            for name, out in (("adapted", adapted), ("base", base))}
+    model = PeftModel.from_pretrained(model, job["adapter"])
+    return with_and_without(model, _tensors(job["inputs"]))
 
 
 def trained_adapter(job):
@@ -162,20 +184,14 @@ def trained_adapter(job):
                         target_modules=spec["targets"], rank_pattern=spec["rank_pattern"],
                         alpha_pattern=spec["alpha_pattern"], use_rslora=spec["rslora"], bias=spec["bias"])
     model = get_peft_model(model, config)
-    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
-    y = torch.as_tensor(spec["labels"])
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
-    model.train()
-    for _ in range(spec["steps"]):
-        loss = torch.nn.functional.cross_entropy(model(**x).logits, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    x, y = _tensors(job["inputs"]), torch.as_tensor(spec["labels"])
+    loss = adam_steps(model, spec["steps"], spec["lr"],
+                      lambda: torch.nn.functional.cross_entropy(model(**x).logits, y))
     model.save_pretrained(spec["out"])
     model.eval()
     with torch.no_grad():
         out = model(**x, output_hidden_states=True)
-    return {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist(), "loss": float(loss)}
+    return {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist(), "loss": loss}
 
 
 def decoder_job(job):
@@ -188,7 +204,7 @@ def decoder_job(job):
     from transformers import AutoModelForCausalLM
 
     spec = job["decoder"]
-    x = {k: torch.as_tensor(np.asarray(v)) for k, v in job["inputs"].items()}
+    x = _tensors(job["inputs"])
     if spec["mode"] == "make":
         torch.manual_seed(0)
         config = AutoConfig.for_model(spec["model_type"], **spec["config"])
@@ -201,42 +217,24 @@ def decoder_job(job):
         model = get_peft_model(model, LoraConfig(
             r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=spec["targets"],
             rank_pattern=spec["rank_pattern"], init_lora_weights="gaussian"))
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
-        model.train()
-        for _ in range(spec["steps"]):
-            loss = model(**x, labels=x["input_ids"]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        adam_steps(model, spec["steps"], spec["lr"], lambda: model(**x, labels=x["input_ids"]).loss)
         model.save_pretrained(spec["adapter"])
     else:
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
         model = PeftModel.from_pretrained(model, spec["adapter"])
-    model.eval()
-    with torch.no_grad():
-        adapted = model(**x, output_hidden_states=True)
-        with model.disable_adapter():
-            base = model(**x, output_hidden_states=True)
-    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
-            for name, out in (("adapted", adapted), ("base", base))}
+    return with_and_without(model, x)
 
 
 def main(path):
     with open(path) as f:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
-    if "speed" in job:
-        print(json.dumps(speed(job)), flush=True)
-        return
-    if "decoder" in job:
-        print(json.dumps(decoder_job(job)), flush=True)
-        return
-    if "train_adapter" in job:
-        print(json.dumps(trained_adapter(job)), flush=True)
-        return
-    if "adapter" in job:
-        print(json.dumps(adapter_outputs(job)), flush=True)
-        return
+    one_result = {"speed": speed, "decoder": decoder_job, "train_adapter": trained_adapter,
+                  "adapter": adapter_outputs}  # the job's key -> what runs it (first match)
+    for key, run_job in one_result.items():
+        if key in job:
+            print(json.dumps(run_job(job)), flush=True)
+            return
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     data = tuple(
         (encode(tokenizer, part["texts"], job["seq_len"]), torch.as_tensor(part["labels"]))

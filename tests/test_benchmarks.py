@@ -198,4 +198,6 @@ def test_layers_benchmark_quick_reports_each_form(tmp_path):
     rows = [line.split(" | ") for line in open(os.path.join(tmp_path, "layers_torch_cpu_float32_quick.md"))
             if line.startswith("| MiniLM")]
     assert [row[0] for row in rows] == ["| MiniLM q (per head)", "| MiniLM MLP in"]
-    assert all(row[-1] == "merged |\n" and float(row[3].strip("*")) > 0 for row in rows)
+    assert all(row[6] == "merged" and float(row[3].strip("*")) > 0 for row in rows)
+    frozen, over_frozen = (np.array([float(row[i].strip(" |\n")) for row in rows]) for i in (7, 8))
+    assert np.all(frozen > 0) and np.all(over_frozen > 0)
