@@ -25,21 +25,21 @@ demo: $(STAMP)
 toy: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py
 
-# The suite once per backend (the backend is fixed at import), then the
-# keras.distribution tests on JAX with 4 virtual CPU devices. The torch suite
-# (one thread) runs alongside the others; its log is printed when it ends.
+# The suite once per backend (the backend is fixed at import), the three side by
+# side (one thread each; logs printed when all end), then the keras.distribution
+# tests on JAX with 4 virtual CPU devices.
 test: $(STAMP)
-	@status=0; log=$$(mktemp); \
-	KERAS_BACKEND=torch OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests > $$log 2>&1 & torch=$$!; \
-	for backend in tensorflow jax; do \
-	  echo "=== KERAS_BACKEND=$$backend"; \
-	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests || status=1; \
+	@status=0; logs=$$(mktemp -d); pids=""; \
+	for backend in torch tensorflow jax; do \
+	  KERAS_BACKEND=$$backend OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests \
+	    > $$logs/$$backend.log 2>&1 & pids="$$pids $$!"; \
 	done; \
-	wait $$torch || status=1; \
-	echo "=== KERAS_BACKEND=torch (ran alongside)"; cat $$log; rm -f $$log; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	for backend in torch tensorflow jax; do echo "=== KERAS_BACKEND=$$backend"; cat $$logs/$$backend.log; done; \
+	rm -rf $$logs; \
 	echo "=== KERAS_BACKEND=jax, 4 virtual devices"; \
 	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-	  $(BIN)/python -m pytest -q -rs tests/test_distribution.py || status=1; \
+	  $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/test_distribution.py || status=1; \
 	exit $$status
 
 # Quick versions of every benchmark (minutes); the full settings drop --quick.
