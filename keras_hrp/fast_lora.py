@@ -146,7 +146,7 @@ def lora_with_factored_gradient(equations, scale, merged):
             if merged:
                 dx = ops.einsum(equations["dx"], dy, kernel)
             else:
-                dx = ops.add(ops.einsum(equations["dx"], dy, w), ops.einsum(equations["dx_low"], g, a))
+                dx = _plus_product(ops.einsum(equations["dx"], dy, w), equations["dx_low"], g, a)
             da = _factor_a_gradient(equations, x, g)
             x_a = ops.einsum(equations["low"], x, a) if low is None else low
             db = ops.multiply(_factor_b_gradient(equations, x_a, dy), scale)
@@ -154,9 +154,46 @@ def lora_with_factored_gradient(equations, scale, merged):
 
         if merged:
             return ops.einsum(equations["forward"], x, kernel), grad
-        return ops.add(ops.einsum(equations["forward"], x, w), ops.einsum(equations["up"], low, b_scaled)), grad
+        return _plus_product(ops.einsum(equations["forward"], x, w), equations["up"], low, b_scaled), grad
 
     return forward
+
+
+def _plus_product(total, equation, p, q):
+    """`total + einsum(equation, p, q)`. On eager torch, where the einsum is
+    a 2-D product, one GEMM that accumulates into `total` (a fresh tensor):
+    that backend fuses nothing, and a separate sum is one more pass over
+    the output (benchmarks/bench_eager.py)."""
+    plan = accumulate_plan(equation) if keras.backend.backend() == "torch" else None
+    if plan is None or not total.is_contiguous():
+        return ops.add(total, ops.einsum(equation, p, q))
+    contracted, transposed = plan
+    size = math.prod(p.shape[-contracted:])
+    q = ops.transpose(ops.reshape(q, (-1, size))) if transposed else ops.reshape(q, (size, -1))
+    total.view(-1, q.shape[1]).addmm_(ops.reshape(p, (-1, size)), q)
+    return total
+
+
+@functools.cache
+def accumulate_plan(equation):
+    """`(contracted axes, q transposed)` where `p, q -> out` is `p`'s leading
+    axes times `q`'s free axes, `q` laid out `(contracted, free)` or
+    `(free, contracted)` (`transposed`); else `None`.
+
+    Example:
+
+    >>> accumulate_plan("abe,ed->abd"), accumulate_plan("abe,ce->abc")
+    ((1, False), (1, True))
+    """
+    operands, out = equation.split("->")
+    p, q = operands.split(",")
+    contracted = "".join(c for c in p if c in q and c not in out)
+    free = "".join(c for c in q if c not in contracted)
+    if not contracted or not p.endswith(contracted) or p[:-len(contracted)] + free != out:
+        return None
+    if q == contracted + free or q == free + contracted:
+        return len(contracted), q != contracted + free
+    return None
 
 
 def _flat_products():

@@ -203,6 +203,28 @@ def test_gradient_equations():
     assert full["db_flat"] == 2 and full["da_plan"] == (2, (1, 0))
 
 
+ACCUMULATED = [  # (p, q -> out, shapes of p and q, plan)
+    ("abe,ed->abd", (2, 5, 3), (3, 7), (1, False)),  # Dense: (x A) B
+    ("abe,ce->abc", (2, 5, 3), (7, 3), (1, True)),  # Dense: g A^T
+    ("btna,ah->btnh", (2, 5, 4, 3), (3, 6), (1, False)),  # Gemma's query, per head: (x A) B
+    ("abdf,cdf->abc", (2, 5, 4, 3), (7, 4, 3), (2, True)),  # BERT's query, per head: g A^T
+    ("btna,nda->btd", (2, 5, 4, 3), (4, 7, 3), None),  # Gemma's query, per head: g A^T, A's heads lead
+    ("abc,cd->adb", (2, 5, 3), (3, 4), None),  # the output is not p's leading axes, then q's
+]
+
+
+@pytest.mark.parametrize("equation,p_shape,q_shape,plan", ACCUMULATED)
+def test_sums_accumulate_into_one_product_where_it_is_two_dimensional(equation, p_shape, q_shape, plan):
+    assert fast_lora.accumulate_plan(equation) == plan
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(size=p_shape).astype("float32"), rng.normal(size=q_shape).astype("float32")
+    product = np.einsum(equation, p, q)
+    total = rng.normal(size=product.shape).astype("float32")
+    out = fast_lora._plus_product(keras.ops.convert_to_tensor(total), equation, keras.ops.convert_to_tensor(p),
+                                  keras.ops.convert_to_tensor(q))
+    np.testing.assert_allclose(numpy_of(out), total + product, rtol=1e-5, atol=1e-5)
+
+
 FULL_FORMS = [("abc,cde->abde", (5, 12), (5, 3, 4)),  # BERT's query: A (12, r), B (r, 3 * 4)
               ("btd,ndh->btnh", (5, 12), (5, 3, 4)),  # Gemma's query: the heads axis leads the kernel
               ("abc,cd->adb", (5, 12), (10, 5))]  # B's axis is not the output's last
