@@ -17,7 +17,7 @@ from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
-           "bench_switch.py", "bench_layers.py", "bench_floor.py"]
+           "bench_switch.py", "bench_layers.py", "bench_floor.py", "bench_eager.py"]
 
 
 def _load(name):
@@ -201,3 +201,25 @@ def test_layers_benchmark_quick_reports_each_form(tmp_path):
     assert all(row[6] == "merged" and float(row[3].strip("*")) > 0 for row in rows)
     frozen, over_frozen = (np.array([float(row[i].strip(" |\n")) for row in rows]) for i in (7, 8))
     assert np.all(frozen > 0) and np.all(over_frozen > 0)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="plain PyTorch products, no Keras: once, in the torch run")
+def test_eager_benchmark_forms_compute_the_same_step(tmp_path):
+    eager = _load("bench_eager")
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x, dy, w = torch.randn(6, 5, generator=gen), torch.randn(6, 7, generator=gen), torch.randn(5, 7, generator=gen)
+    a, b = torch.randn(5, 2, generator=gen), torch.randn(2, 7, generator=gen)
+    frozen = eager.step("frozen", x, w, a, b, dy)
+    steps = {form: eager.step(form, x, w, a, b, dy) for form in eager.FORMS[1:]}
+    for form, (y, dx, da, db) in steps.items():  # y, dx of the merged weight; the factors' gradients
+        torch.testing.assert_close(y, x @ (w + a @ b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, dy @ (w + a @ b).T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(da, x.T @ dy @ b.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db, a.T @ x.T @ dy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frozen[0], x @ w)
+    assert eager.main(["--quick", "--out", str(tmp_path)]) == 0
+    row = [line for line in open(os.path.join(tmp_path, "eager_torch_quick.md")) if line.startswith("| tiny")][0]
+    ratios = [float(cell) for cell in row.strip(" |\n").split(" | ")[2:]]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)  # frozen ms, then three forms / frozen
