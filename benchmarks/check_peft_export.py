@@ -2,7 +2,7 @@
 
 On the current Keras backend: the recipe's all-MiniLM-L6-v2 classifier gets
 keras-hrp adapters on every linear layer of every block (per-head or full
-factorization; per-layer ranks from `auto_rank`), random nonzero factors and
+factorization; per-layer ranks from `rank="auto"`), random nonzero factors and
 a random head; `export_peft` writes the adapter. In `benchmarks/.venv-peft`
 transformers loads the same pretrained directory, PEFT attaches the
 adapter, and the adapter's update of the logits and last hidden states
@@ -38,9 +38,12 @@ def keras_side(args, adapter_dir):
     preset = movie_task.default_preset()
     keras.utils.set_random_seed(0)
     task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
-    layers = keras_hrp.enable_hrp(task, rank=4, preheat_rank=8, auto_rank=True,
-                                  target_layer_names=list(keras_hrp.hub.LINEAR_LAYER_NAMES["bert"]),
-                                  factorization=args.factorization, lora_alpha=8.0)
+    targets = list(keras_hrp.hub.LINEAR_LAYER_NAMES["bert"])
+    probe = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    probe = keras_hrp.enable_hrp(probe, 4, 8, target_layer_names=targets, factorization=args.factorization)
+    budget = 4 * sum(sum(lora.weight_matrix_shape(layer)) for layer in probe)  # rank 4's, spent per layer
+    layers = keras_hrp.enable_hrp(task, rank="auto", preheat_rank=8, rank_budget=budget,
+                                  target_layer_names=targets, factorization=args.factorization, lora_alpha=8.0)
     rng = np.random.default_rng(0)
     for layer in layers:  # a preheated delta of another rank per layer, so auto ranks differ
         b = lora.lora_factors(layer)[1]

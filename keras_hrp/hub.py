@@ -85,6 +85,36 @@ def _check_factorization(layer, factorization):
         )
 
 
+def _check_auto_rank(preheat_rank, rank_budget):
+    if preheat_rank is None:
+        settings.fail(OWNER, '`rank="auto"` chooses ranks from a preheat: give `preheat_rank`',
+                      preheat_rank=preheat_rank)
+    if rank_budget is None:
+        settings.fail(OWNER, '`rank="auto"` needs `rank_budget` (trainable adapter parameters)',
+                      rank_budget=rank_budget)
+    return settings.integer(OWNER, "rank_budget", rank_budget, minimum=1)
+
+
+def _mean_rank(targets, factorization, rank_budget, preheat_rank):
+    """The whole rank `rank_budget` pays on every target (the nominal rank of
+    `rank="auto"` layers until the switch); at least rank 1 everywhere."""
+    per_rank = sum(sum(lora.weight_matrix_shape(layer, factorization)) for layer in targets)
+    if rank_budget < per_rank:
+        settings.fail(
+            OWNER,
+            f"`rank_budget` must cover rank 1 on every target layer ({per_rank:,} parameters)",
+            rank_budget=rank_budget,
+        )
+    if rank_budget // per_rank >= preheat_rank:
+        settings.fail(
+            OWNER,
+            f"`rank_budget` pays rank {rank_budget // per_rank} on every target layer: "
+            "`preheat_rank` must be larger",
+            rank_budget=rank_budget, preheat_rank=preheat_rank,
+        )
+    return rank_budget // per_rank
+
+
 def _preheat_rank_for(layer, rank, preheat_rank, factorization):
     """The layer's preheat rank (`None`: plain LoRA), capped at its useful rank."""
     limit = lora.max_useful_rank(layer, factorization)
@@ -113,7 +143,7 @@ def _preheat_rank_for(layer, rank, preheat_rank, factorization):
 def _guard_keras_hub_file(backbone, name):
     """KerasHub's LoRA files hold one rank and Keras' per-head factors:
     refuse them while layers preheat, where a layer is factored 'full' or
-    where ranks differ (`auto_rank`)."""
+    where ranks differ (`rank="auto"`)."""
 
     def make(original):
         def method(*args, **kwargs):
@@ -138,7 +168,7 @@ def _guard_keras_hub_file(backbone, name):
             if len(set(ranks.values())) > 1:
                 settings.fail(
                     f"{name} of '{backbone.name}'",
-                    "HRP layers have different ranks (auto_rank), and KerasHub's LoRA files "
+                    "HRP layers have different ranks (rank=\"auto\"), and KerasHub's LoRA files "
                     "hold one rank. Use keras_hrp.save_adapters / load_adapters",
                     ranks=ranks,
                 )
@@ -159,7 +189,7 @@ def enable_hrp(
     lora_alpha=None,
     variant="classic",
     factorization="per_head",
-    auto_rank=False,
+    rank_budget=None,
 ):
     """Adds High-Rank Preheating LoRA adapters to a built Keras model.
 
@@ -186,7 +216,9 @@ def enable_hrp(
 
     Args:
         model: a built Keras model, e.g. a KerasHub `Backbone` or `Task`.
-        rank: the LoRA rank of the main phase.
+        rank: the LoRA rank of the main phase, or `"auto"`: per-layer ranks
+            chosen at the switch within `rank_budget` (needs a preheat;
+            `lora_alpha` is divided by the budget's mean rank, as below).
         preheat_rank: the rank of the preheating adapters (`> rank`), or
             `None` for plain LoRA at `rank`.
         target_layer_names: layer names or regular expressions matched
@@ -198,11 +230,11 @@ def enable_hrp(
         factorization: `"per_head"` or `"full"` (float kernels only;
             KerasHub's `save_lora_weights` refuses it, `save_adapters`
             records it).
-        auto_rank: with a preheat, the switch gives each layer its own rank
-            from its preheated spectrum (at least 1, below its preheat
-            rank), spending the trainable parameters that `rank` on every
-            layer would (see `keras_hrp.rank_allocation`). KerasHub's
-            `save_lora_weights` then refuses unequal ranks.
+        rank_budget: with `rank="auto"`, the trainable adapter parameters
+            of the main phase, over all target layers: the switch gives
+            each layer its own rank from its preheated spectrum (at least 1,
+            below its preheat rank; see `keras_hrp.rank_allocation`).
+            KerasHub's `save_lora_weights` then refuses unequal ranks.
 
     Returns:
         The list of HRP-managed layers.
@@ -215,8 +247,13 @@ def enable_hrp(
     """
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)
+    auto = isinstance(rank, str) and rank == "auto"
+    if auto:
+        rank_budget = _check_auto_rank(preheat_rank, rank_budget)
+    elif rank_budget is not None:
+        settings.fail(OWNER, '`rank_budget` is for `rank="auto"`', rank=rank, rank_budget=rank_budget)
     rank, preheat_rank, variant, lora_alpha = settings.check_hrp_settings(
-        OWNER, rank, preheat_rank, variant, lora_alpha
+        OWNER, 1 if auto else rank, preheat_rank, variant, lora_alpha
     )
     if not model.built:
         settings.fail(OWNER, f"model '{model.name}' must be built first", built=False)
@@ -227,9 +264,6 @@ def enable_hrp(
             hrp_layers=[layer.path for layer in hrp_layers(model)],
         )
     factorization = settings.choice(OWNER, "factorization", factorization, settings.FACTORIZATIONS)
-    if settings.boolean(OWNER, "auto_rank", auto_rank) and preheat_rank is None:
-        settings.fail(OWNER, "`auto_rank` chooses ranks from a preheat: give `preheat_rank`",
-                      auto_rank=auto_rank, preheat_rank=preheat_rank)
     scope = _freeze_scope(model)
     targets = _targets(model, scope, target_layer_names)
     for layer in targets:
@@ -237,6 +271,8 @@ def enable_hrp(
     already = [layer.path for layer in targets if layer.lora_enabled]
     if already:
         settings.fail(OWNER, "these target layers already have LoRA", layers=already)
+    if auto:
+        rank = _mean_rank(targets, factorization, rank_budget, preheat_rank)
     ranks = [_preheat_rank_for(layer, rank, preheat_rank, factorization) for layer in targets]
     scale = 1.0 if lora_alpha is None else lora_alpha / rank
 
@@ -248,7 +284,7 @@ def enable_hrp(
         layer.hrp_state = HRPState(
             rank=rank, preheat_rank=layer_rank, variant=variant,
             phase="main" if layer_rank is None else "preheat", scale=scale,
-            factorization=factorization, auto_rank=bool(auto_rank),
+            factorization=factorization, auto_rank=auto, rank_budget=rank_budget if auto else None,
         )
         lora.enable_adapter(
             layer, layer.hrp_state.current_rank, scale, trainable_a=variant != "asymmetric"

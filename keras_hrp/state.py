@@ -33,6 +33,9 @@ class HRPState:
             LoRA over an EinsumDense kernel; see `keras_hrp.lora.factor_axes`).
         auto_rank: whether the switch chooses `rank` from the preheated
             spectrum (`rank` is the budget's mean rank until then).
+        rank_budget: the trainable adapter parameters the switch spends
+            over every `auto_rank` layer of the model (the same in each), or
+            `None`: those of `rank` on each.
     """
 
     rank: int
@@ -43,6 +46,7 @@ class HRPState:
     preheat_updates: int = 0
     factorization: str = "per_head"
     auto_rank: bool = False
+    rank_budget: int | None = None
 
     @property
     def current_rank(self):
@@ -77,6 +81,7 @@ class HRPState:
                 settings.FACTORIZATIONS,
             ),
             auto_rank=settings.boolean(owner, "auto_rank", config.get("auto_rank", False)),
+            rank_budget=settings.integer(owner, "rank_budget", config.get("rank_budget"), optional=True),
         )
 
 

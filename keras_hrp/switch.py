@@ -205,24 +205,28 @@ def _switch_layer(layer, init):
 
 def _allocate_ranks(layers):
     """Sets each `auto_rank` layer's main rank from its preheated spectrum,
-    within the parameters its nominal ranks would train (see
-    `keras_hrp.rank_allocation`). A layer without a finite spectrum keeps
-    its nominal rank (and falls back in `_switch_layer`)."""
+    within the layers' `rank_budget` (or the parameters their nominal ranks
+    would train; see `keras_hrp.rank_allocation`). A layer without a finite
+    spectrum keeps its nominal rank, paid from the budget first (and falls
+    back in `_switch_layer`)."""
     chosen, spectra_, costs, tops, budget = [], [], [], [], 0
+    total = next((layer.hrp_state.rank_budget for layer in layers if layer.hrp_state.rank_budget), None)
     for layer in layers:
         a, b = lora.factor_matrices(layer)
         try:
             s = ops.convert_to_numpy(svd_of_product(a, b)[1])
         except Exception:  # reported by the layer's own switch
             s = np.array([np.nan])
-        if not np.all(np.isfinite(s)):
-            continue
         state, cost = layer.hrp_state, a.shape[0] + b.shape[1]
+        if not np.all(np.isfinite(s)):
+            total = None if total is None else total - state.rank * cost
+            continue
         chosen.append(layer)
         spectra_.append(s)
         costs.append(cost)
         tops.append(min(state.preheat_rank - 1, a.shape[0], b.shape[1]))
         budget += state.rank * cost
+    budget = budget if total is None else total
     for layer, rank in zip(chosen, allocate_ranks(spectra_, costs, budget, tops)):
         layer.hrp_state.rank = rank
 
@@ -270,9 +274,9 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
     approximation of the preheated delta instead. The adapter variables are
     re-created at rank `rank`, under the model's distribution strategy. A
     layer whose delta is not finite (or whose SVD fails) falls back to a
-    random init, with a warning. Layers set up with `auto_rank` first get
-    their ranks from their preheated spectra, within the trainable
-    parameters of their nominal ranks (`keras_hrp.rank_allocation`). Then
+    random init, with a warning. Layers set up with `rank="auto"` first get
+    their ranks from their preheated spectra, within their `rank_budget`
+    (`keras_hrp.rank_allocation`). Then
     `snapshot` (if given) is restored, the
     optimizer is replaced by a fresh one and every compiled function
     (train, test, predict, KerasHub's generate) is rebuilt. Use it in custom

@@ -232,9 +232,13 @@ def test_full_factorization_errors():
 def test_auto_rank_spends_the_budget_where_the_spectrum_is_flat(tmp_path):
     x, _ = _data()
     model = _attention_model()
-    layers = keras_hrp.enable_hrp(model, rank=2, preheat_rank=8, target_layer_names=["query", "value", "ffn"],
-                                  factorization="full", auto_rank=True)
-    budget = sum(2 * sum(lora.weight_matrix_shape(layer)) for layer in layers)
+    targets = ["query", "value", "ffn"]
+    probe = keras_hrp.enable_hrp(_attention_model(), 2, 8, target_layer_names=targets, factorization="full")
+    per_rank = sum(sum(lora.weight_matrix_shape(layer)) for layer in probe)
+    budget = int(2.5 * per_rank)  # not a whole rank on every layer
+    layers = keras_hrp.enable_hrp(model, rank="auto", preheat_rank=8, target_layer_names=targets,
+                                  factorization="full", rank_budget=budget)
+    assert all(layer.hrp_state.rank == 2 and layer.hrp_state.rank_budget == budget for layer in layers)
     base_output = model.predict(x, verbose=0)  # B = 0
     rng = np.random.default_rng(0)
     for layer in layers:  # a preheated delta of rank 1 on the query, flat ones elsewhere
@@ -245,15 +249,28 @@ def test_auto_rank_spends_the_budget_where_the_spectrum_is_flat(tmp_path):
         b.assign(b_value)
     report = keras_hrp.switch_to_main(model)
     ranks = {layer.name: layer.lora_rank for layer in layers}
-    assert ranks["query"] == 1 and ranks["value"] + ranks["ffn"] > 4  # the query's share went to them
+    assert ranks["query"] == 1 and ranks["value"] + ranks["ffn"] > 5  # the query's share went to them
     assert {path: item.to_rank for path, item in report.items()} == {layer.path: layer.lora_rank for layer in layers}
     spent = sum(layer.lora_rank * sum(lora.weight_matrix_shape(layer)) for layer in layers)
-    assert spent <= budget and all(layer.hrp_state.rank == layer.lora_rank for layer in layers)
+    most = max(sum(lora.weight_matrix_shape(layer)) for layer in layers)
+    assert budget - most < spent <= budget and all(layer.hrp_state.rank == layer.lora_rank for layer in layers)
     np.testing.assert_allclose(model.predict(x, verbose=0), base_output, rtol=1e-5, atol=1e-6)  # B = 0 again
     path = str(tmp_path / "auto.npz")
     keras_hrp.save_adapters(model, path)
     fresh = _attention_model()
     keras_hrp.load_adapters(fresh, path)
     assert {layer.name: layer.lora_rank for layer in keras_hrp.hrp_layers(fresh)} == ranks
-    with pytest.raises(ValueError, match="`auto_rank` chooses ranks from a preheat.*preheat_rank=None"):
-        keras_hrp.enable_hrp(_attention_model(), rank=2, auto_rank=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": "auto", "rank_budget": 10**6}, '`rank="auto"` chooses ranks from a preheat.*preheat_rank=None'),
+    ({"rank": "auto", "preheat_rank": 8}, '`rank="auto"` needs `rank_budget`.*rank_budget=None'),
+    ({"rank": "auto", "preheat_rank": 8, "rank_budget": 10}, "cover rank 1 on every target layer.*rank_budget=10"),
+    ({"rank": "auto", "preheat_rank": 4, "rank_budget": 10**6}, "pays rank .* `preheat_rank` must be larger"),
+    ({"rank": "auto", "preheat_rank": 8, "rank_budget": 2.5}, "`rank_budget` must be an integer.*rank_budget=2.5"),
+    ({"rank": 2, "preheat_rank": 8, "rank_budget": 1000}, '`rank_budget` is for `rank="auto"`.*rank=2'),
+    ({"rank": "Auto", "preheat_rank": 8}, "`rank` must be an integer.*rank='Auto'"),
+])
+def test_auto_rank_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_hrp.enable_hrp(_attention_model(), **kwargs)

@@ -209,8 +209,10 @@ def test_full_factorization_on_gemma_every_linear_layer(tmp_path):
 
 
 def test_keras_hub_lora_files_refuse_unequal_auto_ranks(tmp_path):
+    probe = keras_hrp.enable_hrp(bert_classifier()[0], rank=2, preheat_rank=6)
+    budget = 2 * sum(sum(lora.weight_matrix_shape(layer)) for layer in probe)  # rank 2 on each
     task, *_ = bert_classifier()
-    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, auto_rank=True)
+    layers = keras_hrp.enable_hrp(task, rank="auto", preheat_rank=6, rank_budget=budget)
     rng = np.random.default_rng(0)
     for i, layer in enumerate(layers):
         b = lora.lora_factors(layer)[1]
@@ -218,5 +220,5 @@ def test_keras_hub_lora_files_refuse_unequal_auto_ranks(tmp_path):
         b.assign(value * (np.arange(6)[:, None] < 1) if i == 0 else value)  # one rank-1 delta
     keras_hrp.switch_to_main(task)
     assert len({layer.lora_rank for layer in layers}) > 1
-    with pytest.raises(ValueError, match="save_lora_weights of .*different ranks \\(auto_rank\\).*ranks=\\{"):
+    with pytest.raises(ValueError, match='save_lora_weights of .*different ranks \\(rank="auto"\\).*ranks=\\{'):
         task.backbone.save_lora_weights(str(tmp_path / "hub.lora.h5"))
