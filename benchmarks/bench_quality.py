@@ -61,9 +61,22 @@ def _accuracy(task, data):
     return float(np.mean(np.argmax(task.predict(x, batch_size=256, verbose=0), -1) == y))
 
 
+def new_task(args, preset):
+    """The pretrained model with a new classification head, or (`--objective
+    prototypes`) the head-free classifier of `movie_task.prototype_classifier`."""
+    if args.objective == "prototypes":
+        return movie_task.prototype_classifier(preset, movie_task.DESCRIPTIONS[args.task], args.seq_len)
+    return keras_hub.models.TextClassifier.from_preset(preset, num_classes=args.num_classes, preprocessor=None)
+
+
+def zero_shot(args, preset, data):
+    task = new_task(args, preset)
+    return {"val": _accuracy(task, data[1]), "test": _accuracy(task, data[2])}
+
+
 def build(method, args, preset, options, x, y):
     """The task for `method`, its callbacks and how many steps its init used."""
-    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=args.num_classes, preprocessor=None)
+    task = new_task(args, preset)
     callbacks, init_steps = [], 0
     if method == "hrp":
         keras_hrp.enable_hrp(
@@ -142,7 +155,8 @@ def _key(args, method, lr, seed, variant=""):
             f"|bs={args.batch_size}|r={args.rank}|R={args.preheat_rank}|P={args.preheat_steps}"
             f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}"
             + ("" if args.factorization == "per_head" else f"|f={args.factorization}")
-            + ("" if args.task == "movies" else f"|task={args.task}"))
+            + ("" if args.task == "movies" else f"|task={args.task}")
+            + ("" if args.objective == "head" else f"|obj={args.objective}"))
 
 
 def rate_beyond_edge(val):
@@ -214,8 +228,8 @@ def ablation(args, cache, preset, data, lr):
     return rows
 
 
-def _mean_std(values, scale=100.0):
-    return f"{scale * np.mean(values):.2f} ± {scale * np.std(values):.2f}"
+def _mean_std(values, scale=100.0, digits=2):
+    return f"{scale * np.mean(values):.{digits}f} ± {scale * np.std(values):.{digits}f}"
 
 
 def write_markdown(args, table, rows, path, png):
@@ -236,21 +250,35 @@ def write_markdown(args, table, rows, path, png):
         f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
         f"{args.seeds} seeds at that rate. {os.cpu_count()} CPU cores.",
         "",
-        "| method | lr | seeds | test accuracy % (mean ± std) | validation % | trainable params | s / run |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if args.objective == "prototypes":
+        lines += [
+            "Head-free objective: no new layer; logit k is 20 x the cosine between a sentence's mean-pooled "
+            "embedding and the pretrained model's embedding of a description of class k "
+            f"({', '.join(repr(d) for d in movie_task.DESCRIPTIONS[args.task])}). Before any training this "
+            f"zero-shot classifier scores {100 * args.zero_shot['test']:.2f}% on the test split "
+            f"({100 * args.zero_shot['val']:.2f}% validation), so the first gradient already carries the task.",
+            "",
+        ]
+    lines += [
+        "| method | lr | seeds | test accuracy % (mean ± std) | validation % | mean training loss | "
+        "trainable params | s / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, item in table.items():
         runs = item["runs"]
         lines.append(
             f"| {method} | {item['lr']:g} | {len(runs)} | {_mean_std([r['test'] for r in runs])} | "
-            f"{_mean_std([r['val'] for r in runs])} | {runs[0]['params']:,} | "
-            f"{np.mean([r['seconds'] for r in runs]):.0f} |"
+            f"{_mean_std([r['val'] for r in runs])} | {_mean_std([np.mean(r['curve']) for r in runs], 1.0, 3)} | "
+            f"{runs[0]['params']:,} | {np.mean([r['seconds'] for r in runs]):.0f} |"
         )
     grid = "; ".join(
         f"{m}: " + ", ".join(f"{lr:g} → {100 * v:.1f}" for lr, v in item["val_grid"].items())
         for m, item in table.items()
     )
-    lines += ["", f"Validation accuracy % over the grid (seed 0): {grid}.", ""]
+    lines += ["", f"Validation accuracy % over the grid (seed 0): {grid}. Mean training loss: the area "
+              "under the per-step training-loss curve over the steps the method trained (its speed of "
+              "learning; the preheat's steps included for HRP).", ""]
     if rows:
         lines += [
             f"## HRP ablation (validation split, lr {table['hrp']['lr']:g}, "
@@ -320,6 +348,8 @@ def parse(argv):
     parser.add_argument("--cache", default=".data", help="where the data is cached")
     parser.add_argument("--task", choices=tuple(movie_task.TASKS), default="movies",
                         help="movie-review sentiment, or which of four sources a sentence is from")
+    parser.add_argument("--objective", choices=("head", "prototypes"), default="head",
+                        help="a new classification head, or none: cosine to each class's description")
     parser.add_argument("--tag", default="", help="appended to the result files' names (another setting)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
@@ -346,9 +376,11 @@ def main(argv=None):
     args.sizes = (len(train), len(val), len(test))
     data = tuple(movie_task.encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
-    task = "" if args.task == "movies" else f"_{args.task}"
+    task = ("" if args.task == "movies" else f"_{args.task}") + ("" if args.objective == "head" else f"_{args.objective}")
     name = f"quality_{keras.backend.backend()}{task}{'_quick' if args.quick else ''}{args.tag}"
     cache = RunCache(os.path.join(args.out, f"{name}_runs.jsonl"), args.report_only)
+    if args.objective == "prototypes":  # the head-free model before any training
+        args.zero_shot = cache.get(_key(args, "zero-shot", 0, 0), lambda: zero_shot(args, preset, data))
     picked = pick_learning_rates(args, cache, preset, data)
     rows = ablation(args, cache, preset, data, picked["hrp"]["lr"]) if args.ablation and "hrp" in picked else {}
     table = compare(args, cache, preset, data, picked)

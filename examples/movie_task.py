@@ -112,6 +112,11 @@ def snippet_sources(cache, per_source=3700):
 
 
 TASKS = {"movies": (movie_reviews, 2), "sources": (snippet_sources, len(SOURCES))}
+# Each class as a sentence, for the head-free objective (`prototype_classifier`).
+DESCRIPTIONS = {
+    "movies": ("a negative movie review", "a positive movie review"),
+    "sources": ("a tweet", "a New York Times editorial", "an Amazon product review", "a movie review"),
+}
 
 
 def read_table(path, delimiter=",", header=True):
@@ -165,6 +170,38 @@ def encode(preprocessor, texts, labels, indices):
 
     x = preprocessor([texts[i] for i in indices])
     return {k: np.asarray(v) for k, v in x.items()}, np.asarray([labels[i] for i in indices], "int32")
+
+
+def prototype_classifier(preset, descriptions, sequence_length, scale=20.0):
+    """A classifier with no new head: logit k = `scale` x the cosine between a
+    sentence's embedding and the pretrained model's embedding of
+    `descriptions[k]` (fixed). Embeddings are the sentence-transformers ones
+    of all-MiniLM-L6-v2: the mean of the token outputs over the padding
+    mask. Every trainable weight is pretrained, so the first gradient
+    already carries the task (a zero-shot classifier being fine-tuned), and
+    the model's `backbone` is what `enable_hrp` adapts and freezes."""
+    import keras
+    import keras_hub
+    import numpy as np
+
+    backbone = keras_hub.models.BertBackbone.from_preset(preset)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=sequence_length)
+
+    def pool(tokens_and_mask):
+        tokens, mask = tokens_and_mask
+        mask = keras.ops.cast(keras.ops.expand_dims(mask, -1), tokens.dtype)
+        mean = keras.ops.sum(tokens * mask, axis=1) / keras.ops.maximum(keras.ops.sum(mask, axis=1), 1.0)
+        return mean / keras.ops.maximum(keras.ops.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+    described = {k: np.asarray(v) for k, v in preprocessor(list(descriptions)).items()}
+    prototypes = keras.ops.convert_to_numpy(pool((backbone(described)["sequence_output"], described["padding_mask"])))
+    inputs = {name: keras.Input((None,), dtype="int32", name=name) for name in backbone.input}
+    pooled = keras.layers.Lambda(pool, name="mean_pool")((backbone(inputs)["sequence_output"], inputs["padding_mask"]))
+    head = keras.layers.Dense(len(descriptions), use_bias=False, trainable=False, name="prototypes")
+    model = keras.Model(inputs, head(pooled), name="prototype_classifier")
+    head.set_weights([np.asarray(scale * prototypes.T, "float32")])
+    model.backbone = backbone
+    return model
 
 
 def train_batches(train, seed, steps, batch_size):

@@ -81,3 +81,29 @@ def test_snippet_sources_are_balanced_fixed_and_from_four_sources():
     assert again == (texts, labels)
     movies, _ = movie_task.movie_reviews(CACHE)
     assert set(texts[labels.index(3):]) <= set(movies)  # label 3: the movie-review sentences
+
+
+def test_prototype_classifier_has_no_new_head():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import keras
+    import keras_hub
+    import movie_task
+    import numpy as np
+
+    import keras_hrp
+
+    descriptions = movie_task.DESCRIPTIONS["sources"]
+    model = movie_task.prototype_classifier(movie_task.default_preset(), descriptions, 16, scale=20.0)
+    head = model.get_layer("prototypes")
+    assert not head.trainable
+    np.testing.assert_allclose(np.linalg.norm(keras.ops.convert_to_numpy(head.kernel), axis=0), 20.0, rtol=1e-5)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(movie_task.default_preset(),
+                                                                        sequence_length=16)
+    x = {k: np.asarray(v) for k, v in preprocessor(list(descriptions)).items()}
+    logits = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.diag(logits), 20.0, rtol=1e-4)  # each description is its own prototype
+    assert np.all(logits <= 20.0 + 1e-3)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=4)
+    names = [v.path for v in model.trainable_variables]
+    # 6 blocks x q, v x (A, B, bias: KerasHub's enable_lora trains the biases too); nothing else
+    assert len(names) == 36 and all(name.split("/")[-2] in ("query", "value") for name in names)
