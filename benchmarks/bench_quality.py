@@ -49,6 +49,8 @@ ABLATION = {
     "truncated delta, keep head": {"init": "truncated_delta", "restore_weights": False},
     "warm-up 10 steps": {"warmup_steps": 10},
     "asymmetric": {"variant": "asymmetric"},
+    "auto preheat (switch when the subspaces settle)": {"preheat_steps": "auto"},
+    "auto rank (rank 8's parameters, spread by spectrum)": {"rank": "auto"},
 }
 
 
@@ -74,14 +76,22 @@ def zero_shot(args, preset, data):
     return {"val": _accuracy(task, data[1]), "test": _accuracy(task, data[2])}
 
 
+def _rank_budget(args, preset):
+    """The trainable adapter parameters of rank `args.rank` on the targets."""
+    probe = keras_hrp.enable_hrp(new_task(args, preset), args.rank, factorization=args.factorization)
+    return args.rank * sum(sum(keras_hrp.lora.weight_matrix_shape(layer)) for layer in probe)
+
+
 def build(method, args, preset, options, x, y):
     """The task for `method`, its callbacks and how many steps its init used."""
     task = new_task(args, preset)
     callbacks, init_steps = [], 0
     if method == "hrp":
+        rank = options.get("rank", args.rank)
         keras_hrp.enable_hrp(
-            task, rank=args.rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
+            task, rank=rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
             variant=options.get("variant", "classic"), factorization=args.factorization,
+            rank_budget=_rank_budget(args, preset) if rank == "auto" else None,
         )
         share = options.get("preheat_steps_share")
         preheat = max(1, round(share * args.steps)) if share else options.get("preheat_steps", args.preheat_steps)
