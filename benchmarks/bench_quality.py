@@ -233,6 +233,8 @@ def ablation(args, cache, preset, data, lr):
                           lambda: run("hrp", lr, s, args, preset, data, options))
                 for s in range(args.ablation_seeds)]
         runs = [r for r in runs if r is not None]
+        if not runs:  # --report-only: a variant not run
+            continue
         rows[name] = runs
         print(f"ablation {name:28s} val {np.mean([r['val'] for r in runs]):.4f}", flush=True)
     return rows
