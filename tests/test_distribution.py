@@ -102,15 +102,27 @@ def _specs(model):
     return specs
 
 
+# (enable_hrp settings, layouts of A and B): Keras' per-head factors of
+# (heads, hidden, head_dim) kernels, and the standard ones (A: hidden x r,
+# B: r x heads * head_dim) with ranks chosen at the switch.
+PARALLEL = {
+    "per_head": ({"rank": 2}, ("model", None, None), (None, "model")),
+    "full, rank auto": ({"rank": "auto", "rank_budget": 2 * 4 * 32, "factorization": "full"},
+                        ("model", None), (None, "model")),
+}
+
+
 @needs_jax_devices
-def test_model_parallel_keeps_adapter_and_slot_layouts_across_the_switch():
+@pytest.mark.parametrize("setting", PARALLEL)
+def test_model_parallel_keeps_adapter_and_slot_layouts_across_the_switch(setting):
     keras_hub = pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
     import jax
 
+    options, a_layout, b_layout = PARALLEL[setting]
     mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), jax.devices()[:4])
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
-    layout_map["decoder_block.*attention.*(query|value).lora_kernel_a"] = ("model", None, None)
-    layout_map["decoder_block.*attention.*(query|value).lora_kernel_b"] = (None, "model")
+    layout_map["decoder_block.*attention.*(query|value).lora_kernel_a"] = a_layout
+    layout_map["decoder_block.*attention.*(query|value).lora_kernel_b"] = b_layout
     distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
     keras.distribution.set_distribution(distribution)
     try:
@@ -119,7 +131,7 @@ def test_model_parallel_keeps_adapter_and_slot_layouts_across_the_switch():
             hidden_dim=16, intermediate_dim=32, head_dim=8,
         )
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
-        keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+        layers = keras_hrp.enable_hrp(task, preheat_rank=6, **options)
         rng = np.random.default_rng(0)
         x = {"token_ids": rng.integers(1, 64, size=(32, 8)).astype("int32"),
              "padding_mask": np.ones((32, 8), "int32")}
@@ -138,11 +150,16 @@ def test_model_parallel_keeps_adapter_and_slot_layouts_across_the_switch():
         after = _specs(task)
     finally:
         keras.distribution.set_distribution(None)
-    assert hrp.switch_step == 2 and all(l.lora_rank == 2 for l in keras_hrp.hrp_layers(task))
+    assert hrp.switch_step == 2 and not hrp.report.fallbacks
+    if options["rank"] == "auto":  # 4 layers, each 16 + 16 parameters a rank
+        assert sum(layer.lora_rank * 32 for layer in layers) <= options["rank_budget"]
+        assert all(1 <= layer.lora_rank < 6 for layer in layers)
+    else:
+        assert all(layer.lora_rank == 2 for layer in layers)
     assert seen["preheat"] == after  # every adapter and slot keeps its layout
     assert any(":" in key for key in after)  # Adam's slots are in the comparison
-    assert {spec for key, spec in after.items() if key.endswith("lora_kernel_a")} == {("model", None, None)}
-    assert {spec for key, spec in after.items() if key.endswith("lora_kernel_b")} == {(None, "model")}
+    assert {spec for key, spec in after.items() if key.endswith("lora_kernel_a")} == {a_layout}
+    assert {spec for key, spec in after.items() if key.endswith("lora_kernel_b")} == {b_layout}
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TensorFlow's")
