@@ -105,14 +105,14 @@ def _mean_rank(targets, factorization, rank_budget, preheat_rank):
             f"`rank_budget` must cover rank 1 on every target layer ({per_rank:,} parameters)",
             rank_budget=rank_budget,
         )
-    if rank_budget // per_rank >= preheat_rank:
+    mean = rank_budget // per_rank
+    if mean >= preheat_rank:
         settings.fail(
             OWNER,
-            f"`rank_budget` pays rank {rank_budget // per_rank} on every target layer: "
-            "`preheat_rank` must be larger",
+            f"`rank_budget` pays rank {mean} on every target layer: `preheat_rank` must be larger",
             rank_budget=rank_budget, preheat_rank=preheat_rank,
         )
-    return rank_budget // per_rank
+    return mean
 
 
 def _preheat_rank_for(layer, rank, preheat_rank, factorization):
