@@ -35,7 +35,9 @@ import timing  # noqa: E402
 import keras_hrp  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-LORA_METHODS = ["keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "hrp"]
+LORA_METHODS = ["keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "eva", "hrp"]
+# `--targets`: KerasHub's q/v, or every linear layer of each transformer block.
+TARGETS = {"qv": None, "all": keras_hrp.hub.LINEAR_LAYER_NAMES["bert"]}
 # HRP variants for the "when HRP does not win" ablation: name -> options.
 ABLATION = {
     "paper (preheat 10%)": {},
@@ -78,20 +80,34 @@ def zero_shot(args, preset, data):
 
 def _rank_budget(args, preset):
     """The trainable adapter parameters of rank `args.rank` on the targets."""
-    probe = keras_hrp.enable_hrp(new_task(args, preset), args.rank, factorization=args.factorization)
-    return args.rank * sum(sum(keras_hrp.lora.weight_matrix_shape(layer)) for layer in probe)
+    layers = keras_hrp.enable_hrp(new_task(args, preset), args.rank, factorization=args.factorization,
+                                  target_layer_names=TARGETS[args.targets])
+    return args.rank * sum(sum(keras_hrp.lora.weight_matrix_shape(layer, args.factorization)) for layer in layers)
+
+
+def linear_probe(task, args, x, y):
+    """`--probe-steps`: the new head alone trains on the first batches (Adam,
+    the first grid rate) before any adapter exists; these steps count."""
+    task.backbone.trainable = False
+    task.compile(optimizer=keras.optimizers.Adam(args.lrs[0]), loss=_loss())
+    n = args.probe_steps * args.batch_size
+    keras.Model.fit(task, {k: v[:n] for k, v in x.items()}, y[:n], batch_size=args.batch_size, epochs=1, verbose=0)
+    task.backbone.trainable = True
 
 
 def build(method, args, preset, options, x, y):
     """The task for `method`, its callbacks and how many steps its init used."""
     task = new_task(args, preset)
-    callbacks, init_steps = [], 0
+    callbacks, init_steps = [], args.probe_steps
+    if args.probe_steps:
+        linear_probe(task, args, x, y)
+    targets = TARGETS[args.targets]
     if method == "hrp":
         rank = options.get("rank", args.rank)
         keras_hrp.enable_hrp(
             task, rank=rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
             variant=options.get("variant", "classic"), factorization=args.factorization,
-            rank_budget=_rank_budget(args, preset) if rank == "auto" else None,
+            rank_budget=_rank_budget(args, preset) if rank == "auto" else None, target_layer_names=targets,
         )
         share = options.get("preheat_steps_share")
         preheat = max(1, round(share * args.steps)) if share else options.get("preheat_steps", args.preheat_steps)
@@ -101,16 +117,19 @@ def build(method, args, preset, options, x, y):
             verbose=0,
         ))
     elif method != "full":
-        if args.factorization == "full":  # standard LoRA on the same (KerasHub's) targets
-            keras_hrp.enable_hrp(task, rank=args.rank, factorization="full")
+        if args.factorization == "full" or targets:  # plain LoRA on the same targets
+            keras_hrp.enable_hrp(task, rank=args.rank, factorization=args.factorization, target_layer_names=targets)
         else:
             task.backbone.enable_lora(args.rank)
+        size, first = args.batch_size, init_steps
+        if method in ("lora_ga", "eva"):  # batches after the probe's
+            batches = [({k: v[i * size : (i + 1) * size] for k, v in x.items()}, y[i * size : (i + 1) * size])
+                       for i in range(first, first + args.ga_batches)]
         if method == "lora_ga":
-            init_steps = args.ga_batches
-            size = args.batch_size
-            batches = [({k: v[i * size : (i + 1) * size] for k, v in x.items()},
-                        y[i * size : (i + 1) * size]) for i in range(init_steps)]
+            init_steps += args.ga_batches
             keras_hrp.initialize_lora(task, "lora_ga", data=batches, loss=_loss())
+        elif method == "eva":  # forward passes only: no step counted
+            keras_hrp.initialize_lora(task, "eva", data=[bx for bx, _ in batches])
         elif method != "keras":
             keras_hrp.initialize_lora(task, method)
     return task, callbacks, init_steps
@@ -126,7 +145,7 @@ def run(method, lr, seed, args, preset, data, options=None):
     curve, timer = movie_task.LossCurve(), timing.StepTimer()
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
     start = time.perf_counter()
-    skip = init_steps * args.batch_size  # LoRA-GA's gradient batches count as steps
+    skip = init_steps * args.batch_size  # the probe's and LoRA-GA's batches count as steps
     x_fit = {k: v[skip:] for k, v in x.items()}
     keras.Model.fit(task, x_fit, y[skip:], batch_size=args.batch_size, epochs=1,
                     callbacks=callbacks + [curve, timer], verbose=0)
@@ -166,7 +185,9 @@ def _key(args, method, lr, seed, variant=""):
             f"|len={args.seq_len}|split={args.split_seed}/{args.val_size}/{args.test_size}"
             + ("" if args.factorization == "per_head" else f"|f={args.factorization}")
             + ("" if args.task == "movies" else f"|task={args.task}")
-            + ("" if args.objective == "head" else f"|obj={args.objective}"))
+            + ("" if args.objective == "head" else f"|obj={args.objective}")
+            + ("" if args.targets == "qv" else f"|targets={args.targets}")
+            + (f"|probe={args.probe_steps}" if args.probe_steps else ""))
 
 
 def rate_beyond_edge(val):
@@ -210,12 +231,15 @@ def pick_learning_rates(args, cache, preset, data):
 
 
 def compare(args, cache, preset, data, picked):
-    """Every seed of every method at its picked rate."""
+    """Every seed of every method at its picked rate, and more seeds where
+    the cache has them (a reduced grid runs fewer seeds than the settings
+    it spends them on)."""
     table = {}
     for method, item in picked.items():
         best = item["lr"]
         seeds = [cache.get(_key(args, method, best, s), lambda: run(method, best, s, args, preset, data))
                  for s in range(args.seeds)]
+        seeds += [cache.runs[k] for s in range(args.seeds, 10) if (k := _key(args, method, best, s)) in cache.runs]
         seeds = [r for r in seeds if r is not None]  # --report-only: the runs done so far
         table[method] = {**item, "runs": seeds}
         tests = [r["test"] for r in seeds]
@@ -256,11 +280,15 @@ def write_markdown(args, table, rows, path, png):
         f"all-MiniLM-L6-v2, {n_train} train / {n_val} validation / {n_test} test sentences "
         f"(split seed {args.split_seed}), {args.steps} optimizer steps per run, batch "
         f"{args.batch_size}, sequence length {args.seq_len}, Adam, LoRA rank {args.rank} on "
-        f"q/v (KerasHub's targets; factorization {args.factorization}), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
-        f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps). "
-        f"Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
+        + ("q/v (KerasHub's targets" if args.targets == "qv" else "every linear layer of each block (q, k, v, o, MLP in, MLP out")
+        + f"; factorization {args.factorization}), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
+        f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps), EVA: the inputs of "
+        f"{args.ga_batches} batches (forward passes, not counted). "
+        + (f"Linear probe first: the new head alone trains {args.probe_steps} steps (Adam, lr {args.lrs[0]:g}) "
+           "before the adapters are added, in every method (counted as steps). " if args.probe_steps else "")
+        + "Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
         f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
-        f"{args.seeds} seeds at that rate. {os.cpu_count()} CPU cores.",
+        f"{args.seeds} seeds at that rate (more where the run cache has them). {os.cpu_count()} CPU cores.",
         "",
     ]
     if args.objective == "prototypes":
@@ -351,7 +379,11 @@ def parse(argv):
                         help="of the q/v adapters (every LoRA method)")
     parser.add_argument("--preheat-rank", type=int, default=32)
     parser.add_argument("--preheat-steps", type=int, default=20)
-    parser.add_argument("--ga-batches", type=int, default=4)
+    parser.add_argument("--ga-batches", type=int, default=4, help="LoRA-GA's gradient / EVA's input batches")
+    parser.add_argument("--targets", choices=tuple(TARGETS), default="qv",
+                        help="LoRA on the attention query/value projections, or on every linear layer")
+    parser.add_argument("--probe-steps", type=int, default=0,
+                        help="train the new head alone this many steps first (a linear probe; --objective head)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
     parser.add_argument("--split-seed", type=int, default=1234)
@@ -367,6 +399,8 @@ def parse(argv):
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     args.num_classes = movie_task.TASKS[args.task][1]
+    if args.probe_steps and args.objective != "head":
+        parser.error(f"--probe-steps trains a new head; --objective {args.objective} has none")
     if args.quick:
         args.steps, args.seeds, args.ablation_seeds, args.extend_grid = 6, 1, 1, 0
         args.preheat_steps, args.ga_batches = 2, 1
