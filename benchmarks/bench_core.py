@@ -14,6 +14,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,8 +22,7 @@ from keras import ops  # noqa: E402
 
 import keras_hrp  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import timing  # noqa: E402
+from common import timing  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_speed  # noqa: E402
 import keras  # noqa: E402
-import timing  # noqa: E402
 
 import keras_hrp  # noqa: E402
+
+from common import timing  # noqa: E402
 
 FLOOR = "floor: rank 1 on the first block's query only"
 KINDS = ("stock", "keras-hrp", "keras-hrp, full")

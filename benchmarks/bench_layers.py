@@ -22,10 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import timing  # noqa: E402
 
 from keras_hrp import fast_lora  # noqa: E402
 from keras_hrp import internals  # noqa: E402
+
+from common import timing  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # name: (equation or "dense", output shape, input width, batch, sequence)

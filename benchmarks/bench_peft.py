@@ -24,10 +24,13 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
 
-import movie_task  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common import plots  # noqa: E402
+from common import recipe  # noqa: E402
+from common.runs import RunCache  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 VENV = os.path.join(HERE, ".venv-peft")
@@ -79,10 +82,10 @@ def peft_runs(args, python, runs, cache):
     """Runs what `cache` lacks in one worker process; returns every result."""
     todo = [run for run in runs if _key(args, run) not in cache]
     if todo:
-        texts, labels = movie_task.movie_reviews(args.cache)
+        texts, labels = recipe.movie_reviews(args.cache)
         parts = [{"texts": [texts[i] for i in idx], "labels": [labels[i] for i in idx]}
-                 for idx in movie_task.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)]
-        job = {"model_dir": movie_task.default_preset(), "train": parts[0], "val": parts[1],
+                 for idx in recipe.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)]
+        job = {"model_dir": recipe.default_preset(), "train": parts[0], "val": parts[1],
                "test": parts[2], "runs": todo, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "ga_batches": args.ga_batches, "threads": args.threads}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -93,23 +96,17 @@ def peft_runs(args, python, runs, cache):
                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         for line in worker.stdout:
             item = json.loads(line)
-            cache[_key(args, item["run"])] = item["result"]
-            _save(args, cache)
+            cache.put(_key(args, item["run"]), item["result"])
             print(f"peft {item['run']}: val {item['result']['val']:.4f}", flush=True)
         code = worker.wait()
         os.remove(path)
         if code != 0:
             raise RuntimeError("the PEFT worker failed; see its output above")
-    return [cache[_key(args, run)] for run in runs]
+    return [cache.runs[_key(args, run)] for run in runs]
 
 
 def _cache_path(args):
-    return os.path.join(args.out, f"peft{'_quick' if args.quick else ''}_runs.json")
-
-
-def _save(args, cache):
-    with open(_cache_path(args), "w") as f:
-        json.dump(cache, f)
+    return os.path.join(args.out, f"peft{'_quick' if args.quick else ''}_runs.jsonl")
 
 
 def parse_config(text):
@@ -124,7 +121,7 @@ def parse_config(text):
 
 
 def peft_table(args, python):
-    cache = json.load(open(_cache_path(args))) if os.path.exists(_cache_path(args)) else {}
+    cache = RunCache(_cache_path(args))
     configs = args.configs
     grid = {(init, rank): args.full_lrs if init == "full" else args.lrs for init, rank in configs}
     first = [{"init": i, "rank": r, "lr": lr, "seed": 0} for (i, r) in configs for lr in grid[i, r]]
@@ -203,15 +200,10 @@ def write_markdown(args, table, path):
 
 def plot(table, path):
     """Test accuracy (mean ± std) and median step time per row, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(table)[::-1]
     runs = [table[name]["runs"] for name in names]
     colors = ["C1" if name.startswith("keras-hrp") else "C0" for name in names]
-    fig, (acc_ax, time_ax) = plt.subplots(1, 2, sharey=True, figsize=(11, 0.35 * len(names) + 1.5))
+    fig, (acc_ax, time_ax) = plots.figure(11, 0.35 * len(names) + 1.5, columns=2, sharey=True)
     acc = [100 * np.mean([r["test"] for r in rs]) for rs in runs]
     acc_ax.barh(names, acc, xerr=[100 * np.std([r["test"] for r in rs]) for rs in runs], color=colors)
     acc_ax.set_xlim(min(acc) - 3, max(acc) + 2)
@@ -221,8 +213,7 @@ def plot(table, path):
     time_ax.set_xlabel("median training step (ms)")
     labels = [f"{name} ({rs[0]['params'] / 1e3:,.0f}k)" for name, rs in zip(names, runs)]
     acc_ax.set_yticks(range(len(names)), labels, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
 
 
 def parse(argv):
@@ -267,9 +258,9 @@ def main(argv=None):
         python = ensure_venv(args.venv)
         if args.setup_only:
             return 0
-        movie_task.default_preset()
-        movie_task.movie_reviews(args.cache)
-    except (movie_task.SetupError, subprocess.CalledProcessError) as error:
+        recipe.default_preset()
+        recipe.movie_reviews(args.cache)
+    except (recipe.SetupError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table = {**keras_table(args), **peft_table(args, python)}

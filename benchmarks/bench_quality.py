@@ -2,7 +2,7 @@
 
 all-MiniLM-L6-v2 learns movie-review sentiment (the recipe's model and data;
 `--task sources`: which of four sources a sentence comes from, see
-`movie_task.snippet_sources`) with fixed seeded splits: test, validation, train. Each method runs the same
+`recipe.snippet_sources`) with fixed seeded splits: test, validation, train. Each method runs the same
 total number of optimizer steps (HRP's preheat and LoRA-GA's gradient
 batches count), LoRA rank 8 on the attention query/value projections. The
 learning rate is picked per method from a grid on the validation split
@@ -24,15 +24,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+sys.path.insert(0, HERE)
 
-import movie_task  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
-import timing  # noqa: E402
 
 import keras_hrp  # noqa: E402
+
+from common import plots  # noqa: E402
+from common import recipe  # noqa: E402
+from common import timing  # noqa: E402
+from common.runs import RunCache  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 LORA_METHODS = ["keras", "gaussian", "pissa", "milora", "olora", "lora_ga", "eva", "hrp"]
@@ -67,9 +70,9 @@ def _accuracy(task, data):
 
 def new_task(args, preset):
     """The pretrained model with a new classification head, or (`--objective
-    prototypes`) the head-free classifier of `movie_task.prototype_classifier`."""
+    prototypes`) the head-free classifier of `recipe.prototype_classifier`."""
     if args.objective == "prototypes":
-        return movie_task.prototype_classifier(preset, movie_task.DESCRIPTIONS[args.task], args.seq_len)
+        return recipe.prototype_classifier(preset, recipe.DESCRIPTIONS[args.task], args.seq_len)
     return keras_hub.models.TextClassifier.from_preset(preset, num_classes=args.num_classes, preprocessor=None)
 
 
@@ -139,10 +142,10 @@ def run(method, lr, seed, args, preset, data, options=None):
     options = options or {}
     train, val, test = data
     keras.utils.set_random_seed(seed)
-    x, y = movie_task.train_batches(train, seed, args.steps, args.batch_size)
+    x, y = recipe.train_batches(train, seed, args.steps, args.batch_size)
     task, callbacks, init_steps = build(method, args, preset, options, x, y)
     task.compile(optimizer=keras.optimizers.Adam(lr), loss=_loss(), metrics=["accuracy"])
-    curve, timer = movie_task.LossCurve(), timing.StepTimer()
+    curve, timer = recipe.LossCurve(), timing.StepTimer()
     params = sum(int(np.prod(v.shape)) for v in task.trainable_variables)
     start = time.perf_counter()
     skip = init_steps * args.batch_size  # the probe's and LoRA-GA's batches count as steps
@@ -156,27 +159,6 @@ def run(method, lr, seed, args, preset, data, options=None):
         "params": params, "curve": [float(v) for v in curve.losses],
         "step_ms": 1e3 * float(np.median(timer.seconds[2:] or timer.seconds)),  # 2 compiling steps out
     }
-
-
-class RunCache:
-    """One JSON line per finished run, keyed by its full setting."""
-
-    def __init__(self, path, report_only=False):
-        self.path, self.runs, self.report_only = path, {}, report_only
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    item = json.loads(line)
-                    self.runs[item["key"]] = item["result"]
-
-    def get(self, key, compute):
-        if key not in self.runs and self.report_only:
-            return None
-        if key not in self.runs:
-            self.runs[key] = compute()
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"key": key, "result": self.runs[key]}) + "\n")
-        return self.runs[key]
 
 
 def _key(args, method, lr, seed, variant=""):
@@ -295,7 +277,7 @@ def write_markdown(args, table, rows, path, png):
         lines += [
             "Head-free objective: no new layer; logit k is 20 x the cosine between a sentence's mean-pooled "
             "embedding and the pretrained model's embedding of a description of class k "
-            f"({', '.join(repr(d) for d in movie_task.DESCRIPTIONS[args.task])}). Before any training this "
+            f"({', '.join(repr(d) for d in recipe.DESCRIPTIONS[args.task])}). Before any training this "
             f"zero-shot classifier scores {100 * args.zero_shot['test']:.2f}% on the test split "
             f"({100 * args.zero_shot['val']:.2f}% validation), so the first gradient already carries the task.",
             "",
@@ -337,12 +319,7 @@ def write_markdown(args, table, rows, path, png):
 
 
 def plot(table, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plots.figure()
     for method, item in table.items():
         length = min(len(r["curve"]) for r in item["runs"])
         losses = np.mean([r["curve"][:length] for r in item["runs"]], axis=0)
@@ -353,8 +330,7 @@ def plot(table, path):
     ax.set_xlabel("optimizer step (LoRA-GA starts after its gradient batches)")
     ax.set_ylabel("training loss (moving mean, mean over seeds)")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
 
 
 def parse(argv):
@@ -390,7 +366,7 @@ def parse(argv):
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=4000)
     parser.add_argument("--cache", default=".data", help="where the data is cached")
-    parser.add_argument("--task", choices=tuple(movie_task.TASKS), default="movies",
+    parser.add_argument("--task", choices=tuple(recipe.TASKS), default="movies",
                         help="movie-review sentiment, or which of four sources a sentence is from")
     parser.add_argument("--objective", choices=("head", "prototypes"), default="head",
                         help="a new classification head, or none: cosine to each class's description")
@@ -398,7 +374,7 @@ def parse(argv):
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
-    args.num_classes = movie_task.TASKS[args.task][1]
+    args.num_classes = recipe.TASKS[args.task][1]
     if args.probe_steps and args.objective != "head":
         parser.error(f"--probe-steps trains a new head; --objective {args.objective} has none")
     if args.quick:
@@ -412,15 +388,15 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     try:
-        preset = movie_task.default_preset()
-        texts, labels = movie_task.TASKS[args.task][0](args.cache)
-    except movie_task.SetupError as error:
+        preset = recipe.default_preset()
+        texts, labels = recipe.TASKS[args.task][0](args.cache)
+    except recipe.SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
-    train, val, test = movie_task.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)
+    train, val, test = recipe.split_indices(len(texts), args.split_seed, args.val_size, args.test_size)
     args.sizes = (len(train), len(val), len(test))
-    data = tuple(movie_task.encode(preprocessor, texts, labels, part) for part in (train, val, test))
+    data = tuple(recipe.encode(preprocessor, texts, labels, part) for part in (train, val, test))
     os.makedirs(args.out, exist_ok=True)
     task = ("" if args.task == "movies" else f"_{args.task}") + ("" if args.objective == "head" else f"_{args.objective}")
     name = f"quality_{keras.backend.backend()}{task}{'_quick' if args.quick else ''}{args.tag}"

@@ -30,16 +30,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+sys.path.insert(0, HERE)
 
-import movie_task  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
-import timing  # noqa: E402
 
 import keras_hrp  # noqa: E402
 from keras_hrp.state import run_state  # noqa: E402
+
+from common import plots  # noqa: E402
+from common import recipe  # noqa: E402
+from common import timing  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 # PEFT module names of the same targets (suffix matches; "output.dense" is both
@@ -66,7 +68,7 @@ def data(setting, args, n):
         return x, ids[:, 1:]
     texts, labels = _texts(n)
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
-        movie_task.default_preset(), sequence_length=args.seq_len)
+        recipe.default_preset(), sequence_length=args.seq_len)
     return {k: np.asarray(v) for k, v in preprocessor(texts).items()}, labels
 
 
@@ -84,7 +86,7 @@ def peft_step(setting, args):
     python = bench_peft.ensure_venv(bench_peft.VENV)
     texts, labels = _texts(args.batch_size)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
-    job = {"model_dir": movie_task.default_preset(), "texts": texts, "labels": labels.tolist(),
+    job = {"model_dir": recipe.default_preset(), "texts": texts, "labels": labels.tolist(),
            "seq_len": args.seq_len, "threads": threads,
            "speed": {"rank": args.rank, "targets": PEFT_TARGETS[setting.split(":")[1]],
                      "repeats": 2 + args.repeats * args.steps_per_epoch}}
@@ -108,7 +110,7 @@ def model(setting, kind, args, rank=None, targets=None):
         backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
     else:
-        task = keras_hub.models.TextClassifier.from_preset(movie_task.default_preset(), num_classes=2,
+        task = keras_hub.models.TextClassifier.from_preset(recipe.default_preset(), num_classes=2,
                                                            preprocessor=None)
     rank, targets = rank or args.rank, targets or _targets(setting)
     if kind.startswith("stock"):
@@ -321,12 +323,7 @@ def write_markdown(args, backend, results, path):
 
 
 def plot(args, backend, runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (time_ax, state_ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (time_ax, state_ax) = plots.figure(10, 4, columns=2, gridspec_kw={"width_ratios": [3, 1]})
     for name, run in runs.items():
         time_ax.plot(np.arange(1, len(run["steps_ms"]) + 1), run["steps_ms"],
                      label="HRP" if name == "hrp" else "stock LoRA", lw=1)
@@ -342,8 +339,7 @@ def plot(args, backend, runs, path):
     state_ax.bar(list(bars), [b * mib for b in bars.values()], color=["C1", "C1", "C0"])
     state_ax.set_ylabel("training state (MiB)")
     state_ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
 
 
 if __name__ == "__main__":

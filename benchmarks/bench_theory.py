@@ -20,6 +20,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,6 +29,8 @@ from keras_hrp import lora  # noqa: E402
 from keras_hrp.initializers import expected_norm  # noqa: E402
 from keras_hrp.initializers import oracle  # noqa: E402
 from keras_hrp.initializers import preheated_a  # noqa: E402
+
+from common import plots  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SPECTRA = {
@@ -170,13 +173,8 @@ def write_markdown(args, rows, ablation, path):
 
 
 def plot(args, rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ranks = preheat_ranks(args)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    fig, axes = plots.figure(10, 4, columns=2)
     for ax, variant in zip(axes, ("classic", "asymmetric")):
         for spectrum, v, cells in rows:
             if v != variant:
@@ -193,8 +191,7 @@ def plot(args, rows, path):
         ax.set_title(f"{variant} LoRA (dashed: random, dotted: oracle)")
     axes[0].set_ylabel("final loss / optimal rank-r loss")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path)
 
 
 def parse(argv):

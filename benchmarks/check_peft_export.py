@@ -18,16 +18,17 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+sys.path.insert(0, HERE)
 
 import bench_peft  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
-import movie_task  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_hrp  # noqa: E402
 from keras_hrp import lora  # noqa: E402
+
+from common import recipe  # noqa: E402
 
 SENTENCES = ["a fine film with a dull plot", "never quite works, but the acting is great",
              "one of the best of the year", "I wanted my two hours back"]
@@ -35,7 +36,7 @@ SENTENCES = ["a fine film with a dull plot", "never quite works, but the acting 
 
 def keras_side(args, adapter_dir):
     """Exports the adapter; returns the inputs and Keras' logits and hidden states."""
-    preset = movie_task.default_preset()
+    preset = recipe.default_preset()
     keras.utils.set_random_seed(0)
     task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
     targets = list(keras_hrp.hub.LINEAR_LAYER_NAMES["bert"])

@@ -19,16 +19,17 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+sys.path.insert(0, HERE)
 
 import bench_peft  # noqa: E402
 import check_peft_export  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
-import movie_task  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_hrp  # noqa: E402
+
+from common import recipe  # noqa: E402
 
 SPEC = {"rank": 4, "alpha": 8, "targets": ["query", "key", "value", "attention.output.dense",
                                            "intermediate.dense", "output.dense"],
@@ -42,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results", "peft_import.md"))
     args = parser.parse_args(argv)
     python = bench_peft.ensure_venv(args.venv)
-    preset = movie_task.default_preset()
+    preset = recipe.default_preset()
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=24)
     x = {k: np.asarray(v) for k, v in preprocessor(check_peft_export.SENTENCES).items()}
     inputs = {"input_ids": x["token_ids"].tolist(), "attention_mask": x["padding_mask"].astype("int64").tolist(),

@@ -15,14 +15,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The recipe's model, data and plots live with the benchmarks, which share them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-from movie_task import LossCurve  # noqa: E402
-from movie_task import SetupError  # noqa: E402
-from movie_task import default_preset  # noqa: E402
-from movie_task import encode  # noqa: E402
-from movie_task import movie_reviews  # noqa: E402
-from movie_task import read_table  # noqa: E402
+from common import plots  # noqa: E402
+from common.recipe import LossCurve  # noqa: E402
+from common.recipe import SetupError  # noqa: E402
+from common.recipe import default_preset  # noqa: E402
+from common.recipe import encode  # noqa: E402
+from common.recipe import movie_reviews  # noqa: E402
+from common.recipe import read_table  # noqa: E402
 
 TEST_SIZE = 2000
 
@@ -83,13 +85,9 @@ def prepare(args):
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.figure(7, 4)
     for result in results:
         losses = np.asarray(result["curve"])
         window = max(1, len(losses) // 20)
@@ -98,8 +96,7 @@ def plot(results, path):
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss (moving mean of {window})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, path, dpi=120)
 
 
 def parse(argv):

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 import keras_hrp
+from keras_hrp import internals
 from tests.helpers import bert_classifier
 from tests.helpers import hrp_mlp
 from tests.helpers import regression_data
@@ -42,8 +43,9 @@ class InterruptAt(keras.callbacks.Callback):
             raise Interrupted(f"interrupted after step {self.step}")
 
 
-def set_up(kind, base_path):
-    """A model set up the same way in every process: build, base weights, HRP."""
+def set_up(kind, base_path, mean_rank=None):
+    """A model set up the same way in every process: build, base weights, HRP
+    (hub: `rank="auto"` at `mean_rank` times the rank-1 parameters, if given)."""
     keras.backend.clear_session()  # the same layer paths in every process
     keras.utils.set_random_seed(0)
     if kind == "hub":
@@ -51,7 +53,11 @@ def set_up(kind, base_path):
     else:
         (x, y), model, loss = regression_data(n=64), hrp_mlp(rank=2, preheat_rank=8), "mse"
     model.load_weights(base_path)
-    if kind == "hub":
+    if kind == "hub" and mean_rank:
+        per_rank = sum(sum(keras_hrp.lora.weight_matrix_shape(layer)) for layer in internals.all_layers(model)
+                       if layer.name in ("query", "value"))
+        keras_hrp.enable_hrp(model, rank="auto", preheat_rank=6, rank_budget=int(mean_rank * per_rank))
+    elif kind == "hub":
         keras_hrp.enable_hrp(model, rank=2, preheat_rank=6)
     else:  # HRPDense models: attach before any load that should read the state file
         keras_hrp.checkpoints.attach(model)
@@ -69,7 +75,7 @@ def base_weights(kind, path):
 
 def run(spec):
     """One fit (or the rest of one): final weights and HRP states."""
-    model, x, y = set_up(spec["kind"], spec["base"])
+    model, x, y = set_up(spec["kind"], spec["base"], spec.get("mean_rank"))
     hrp = keras_hrp.HRPCallback(spec["preheat"], verbose=0, **spec.get("auto", {}))
     callbacks = [hrp]
     if spec.get("backup_dir"):

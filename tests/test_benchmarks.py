@@ -11,11 +11,17 @@ import keras
 import numpy as np
 import pytest
 
+import keras_hrp
 from keras_hrp import internals
 from tests import helpers
 from tests.helpers import BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, ".data")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from common import recipe  # noqa: E402
+from common import timing  # noqa: E402
+from common.runs import RunCache  # noqa: E402
 SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
            "bench_switch.py", "bench_layers.py", "bench_floor.py", "bench_eager.py"]
 
@@ -57,18 +63,18 @@ def test_theory_claims_on_a_small_setting(tmp_path):
 
 def test_quality_splits_and_run_cache(tmp_path):
     quality = _load("bench_quality")
-    train, val, test = quality.movie_task.split_indices(200, 1234, val_size=30, test_size=50)
+    train, val, test = recipe.split_indices(200, 1234, val_size=30, test_size=50)
     assert (len(train), len(val), len(test)) == (120, 30, 50)
     assert len(set(train) | set(val) | set(test)) == 200
-    again = quality.movie_task.split_indices(200, 1234, val_size=30, test_size=50)
+    again = recipe.split_indices(200, 1234, val_size=30, test_size=50)
     assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
     x, y = {"ids": np.arange(10)[:, None]}, np.arange(10)
-    xb, yb = quality.movie_task.train_batches((x, y), seed=0, steps=3, batch_size=4)  # 12 of 10: repeats
+    xb, yb = recipe.train_batches((x, y), seed=0, steps=3, batch_size=4)  # 12 of 10: repeats
     assert yb.shape == (12,) and np.array_equal(xb["ids"][:, 0], yb) and sorted(yb[:10]) == list(range(10))
     calls = []
     path = os.path.join(tmp_path, "runs.jsonl")
-    first = quality.RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.5})
-    resumed = quality.RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.0})
+    first = RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.5})
+    resumed = RunCache(path).get("k", lambda: calls.append(1) or {"val": 0.0})
     assert first == resumed == {"val": 0.5} and calls == [1]
     with open(path) as f:
         assert json.loads(f.readline())["key"] == "k"
@@ -134,7 +140,6 @@ def test_speed_quick_run_reports_both_phases(tmp_path):
 
 
 def test_interleaved_timing_alternates_the_order():
-    timing = _load("timing")
     calls = []
     times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
@@ -143,7 +148,6 @@ def test_interleaved_timing_alternates_the_order():
 
 
 def test_fit_epoch_times_each_step_not_the_epoch():
-    timing = _load("timing")
     x, y = helpers.regression_data(n=24)
     model = helpers.hrp_mlp()
     model.compile(optimizer="sgd", loss="mse")
@@ -172,7 +176,6 @@ def test_floor_model_adapts_only_the_first_query():
 def test_peak_memory_reset_sees_a_new_allocation():
     import mmap
 
-    timing = _load("timing")
     timing.reset_peak()
     before = timing.peak_rss_mib()
     block = mmap.mmap(-1, 64 * 2**20)  # fresh pages (a numpy array may reuse freed heap memory)
@@ -223,3 +226,31 @@ def test_eager_benchmark_forms_compute_the_same_step(tmp_path):
     row = [line for line in open(os.path.join(tmp_path, "eager_torch_quick.md")) if line.startswith("| tiny")][0]
     ratios = [float(cell) for cell in row.strip(" |\n").split(" | ")[2:]]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)  # frozen ms, then three forms / frozen
+
+
+def test_snippet_sources_are_balanced_fixed_and_from_four_sources():
+    texts, labels = recipe.snippet_sources(CACHE)
+    assert len(texts) == 14_800 and [labels.count(i) for i in range(4)] == [3700] * 4
+    again = recipe.snippet_sources(CACHE, per_source=3700)  # the cached table
+    assert again == (texts, labels)
+    movies, _ = recipe.movie_reviews(CACHE)
+    assert set(texts[labels.index(3):]) <= set(movies)  # label 3: the movie-review sentences
+
+
+def test_prototype_classifier_has_no_new_head():
+    keras_hub = pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
+    descriptions = recipe.DESCRIPTIONS["sources"]
+    model = recipe.prototype_classifier(recipe.default_preset(), descriptions, 16, scale=20.0)
+    head = model.get_layer("prototypes")
+    assert not head.trainable
+    np.testing.assert_allclose(np.linalg.norm(keras.ops.convert_to_numpy(head.kernel), axis=0), 20.0, rtol=1e-5)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(recipe.default_preset(),
+                                                                        sequence_length=16)
+    x = {k: np.asarray(v) for k, v in preprocessor(list(descriptions)).items()}
+    logits = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.diag(logits), 20.0, rtol=1e-4)  # each description is its own prototype
+    assert np.all(logits <= 20.0 + 1e-3)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=4)
+    names = [v.path for v in model.trainable_variables]
+    # 6 blocks x q, v x (A, B, bias: KerasHub's enable_lora trains the biases too); nothing else
+    assert len(names) == 36 and all(name.split("/")[-2] in ("query", "value") for name in names)

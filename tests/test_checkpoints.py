@@ -254,6 +254,27 @@ def test_damaged_state_file(saved, tmp_path):
         _set_up(saved).load_weights(path)
 
 
+def test_auto_rank_resumes_in_a_new_process(tmp_path):
+    """`rank="auto"`: interrupted in the preheat, the resumed run spends the
+    budget on the same ranks; interrupted after the switch, the checkpoint
+    rebuilds the unequal ranks it chose."""
+    base, frozen = _pretrained("hub", tmp_path)
+    common = {"kind": "hub", "base": base, "preheat": 6, "mean_rank": 2.5}
+    reference = resume_worker.run(common)
+    ranks = sorted(s["rank"] for s in reference["states"].values())
+    assert reference["switch_step"] == 6 and len(set(ranks)) > 1 and sum(ranks) == int(2.5 * len(ranks)), ranks
+    specs = []
+    for name, step, order in (("preheat", 5, "backup_first"), ("main", 14, "hrp_first")):
+        spec = {**common, "order": order, "backup_dir": os.path.join(tmp_path, name),
+                "out": os.path.join(tmp_path, f"{name}.npz")}
+        assert resume_worker.run({**spec, "interrupt_at": step}) is None
+        specs.append(spec)
+    preheat, main = _in_new_process(specs, tmp_path)
+    for resumed in (preheat, main):
+        _assert_same_run(resumed, reference, frozen)
+    assert preheat["switch_step"] == 6 and main["switch_step"] is None
+
+
 def test_auto_preheat_resumes_its_checks_in_a_new_process(tmp_path):
     """The subspace tracker travels with the state file: the first check after
     the resume compares with the last one before the interruption."""

@@ -1,4 +1,4 @@
-"""The recipe's task: all-MiniLM-L6-v2 and movie-review sentiment, as a library.
+"""The recipe: all-MiniLM-L6-v2 and its real tasks, for the demo and the benchmarks.
 
 Shared by `finetune_minilm.py` (the demo) and the benchmarks: the embedded
 model (checked against its sha256), the 10,605 rated sentences of the
