@@ -152,7 +152,7 @@ def keras_table(args):
         env = {**os.environ, "KERAS_BACKEND": backend, "OMP_NUM_THREADS": str(args.threads)}
         subprocess.run(command, check=True, env=env)
         with open(os.path.join(out, f"quality_{backend}.json")) as f:
-            summary = json.load(f)
+            summary = json.load(f)["methods"]
         for method, item in summary.items():
             runs = [{"test": t, "val": v, "params": p, "step_ms": ms, "threads": _threads(backend, args)}
                     for t, v, p, ms in zip(item["test"], item["val"], item["params"], item["step_ms"])]

@@ -19,6 +19,7 @@ Runs are cached (one JSON line each), so an interrupted run resumes.
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -206,6 +207,8 @@ def pick_learning_rates(args, cache, preset, data):
             if beyond is None:
                 break
             grid = [beyond]
+        if not val:  # --report-only: a method not run
+            continue
         val = dict(sorted(val.items()))
         picked[method] = {"lr": max(val, key=val.get), "val_grid": val}
         print(f"{method:9s} validation grid {val}", flush=True)
@@ -257,7 +260,7 @@ def write_markdown(args, table, rows, path, png):
         "# Quality on real data: MiniLM + " + {"movies": "movie-review sentiment",
                                                "sources": "the source of a sentence (4 classes)"}[args.task],
         "",
-        f"`KERAS_BACKEND={backend} python benchmarks/bench_quality.py {' '.join(args.argv)}`".replace(" `", "`"),
+        f"`KERAS_BACKEND={backend} python benchmarks/bench_quality.py {shlex.join(args.argv)}`".replace(" `", "`"),
         "",
         f"all-MiniLM-L6-v2, {n_train} train / {n_val} validation / {n_test} test sentences "
         f"(split seed {args.split_seed}), {args.steps} optimizer steps per run, batch "
@@ -408,9 +411,12 @@ def main(argv=None):
     table = compare(args, cache, preset, data, picked)
     png = os.path.join(args.out, f"{name}.png")
     plot(table, png)
-    summary = {m: {"lr": t["lr"], **{k: [r.get(k) for r in t["runs"]]
-                                     for k in ("test", "val", "params", "step_ms", "seconds")}}
+    methods = {m: {"lr": t["lr"], "mean_loss": [float(np.mean(r["curve"])) for r in t["runs"]],
+                   **{k: [r.get(k) for r in t["runs"]] for k in ("test", "val", "params", "step_ms", "seconds")}}
                for m, t in table.items()}
+    setting = {k: getattr(args, k) for k in ("task", "objective", "rank", "targets", "factorization",
+                                             "preheat_rank", "preheat_steps", "probe_steps", "steps", "tag")}
+    summary = {"setting": {**setting, "command": shlex.join(args.argv)}, "methods": methods}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_markdown(args, table, rows, os.path.join(args.out, f"{name}.md"), png)

@@ -125,6 +125,49 @@ def test_quality_quick_real_run(tmp_path):
     assert all(0.0 <= r["test"] <= 1.0 for r in runs)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="minutes on MiniLM; once per CI, on JAX")
+def test_quality_probe_and_all_linear_targets(tmp_path):
+    quality = _load("bench_quality")
+    argv = ["--quick", "--methods", "keras", "eva", "--targets", "all", "--probe-steps", "2", "--tag", "_probe",
+            "--out", str(tmp_path), "--cache", CACHE]
+    assert quality.main(argv) == 0
+    with open(os.path.join(tmp_path, "quality_jax_quick_probe.json")) as f:
+        summary = json.load(f)
+    assert summary["setting"]["targets"] == "all" and summary["setting"]["probe_steps"] == 2
+    runs = [json.loads(line)["result"] for line in open(os.path.join(tmp_path, "quality_jax_quick_probe_runs.jsonl"))]
+    assert [len(r["curve"]) for r in runs] == [4, 4]  # 6 steps, the probe's 2 counted; EVA's batches are not
+    # rank-8 adapters on the 6 linear layers of 6 blocks, their biases (q, k, v, o, out: 384; in: 1536), the head
+    adapters = quality._rank_budget(quality.parse(argv), recipe.default_preset())
+    expected = adapters + 6 * (5 * 384 + 1536) + (384 * 2 + 2)
+    assert summary["methods"]["keras"]["params"] == summary["methods"]["eva"]["params"] == [expected]
+    text = open(os.path.join(tmp_path, "quality_jax_quick_probe.md")).read()
+    assert "every linear layer of each block" in text and "Linear probe first" in text
+    with pytest.raises(SystemExit):  # a probe trains a head; the head-free objective has none
+        quality.parse(["--objective", "prototypes", "--probe-steps", "2"])
+
+
+def test_quality_summary_differences(tmp_path):
+    summary = _load("quality_summary")
+    setting = {"task": "movies", "objective": "prototypes", "rank": 4, "targets": "qv", "factorization": "full",
+               "preheat_rank": 32, "preheat_steps": 20, "probe_steps": 0, "steps": 200, "tag": "", "command": ""}
+    methods = {"keras": {"test": [0.80, 0.82]}, "hrp": {"test": [0.83, 0.85]}, "pissa": {"test": [0.79]},
+               "milora": {"test": [0.81]}, "full": {"test": [0.9]}}
+    for name, item in (("quality_jax_x", {"setting": setting, "methods": methods}),
+                       ("quality_jax_x_quick", {"setting": setting, "methods": methods}),  # left out
+                       ("quality_jax_old", methods)):  # no setting: left out
+        with open(os.path.join(tmp_path, f"{name}.json"), "w") as f:
+            json.dump(item, f)
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    text = open(os.path.join(tmp_path, "quality_summary.md")).read()
+    [row] = [line for line in text.splitlines() if line.startswith("| movies")]
+    # HRP - random: +3.00 points, standard error sqrt(2 * 0.01414^2 / 2) = 1.41 points
+    assert "movies, head-free | r 4, q/v, full, R 32 | 81.00 ± 1.00 (2) | 84.00 ± 1.00 (2) | +3.00 ± 1.41" in row
+    assert "| milora 81.00 (1) | +0.00 (1 seed) | 90.00 (1) |" in row
+    assert os.path.getsize(os.path.join(tmp_path, "quality_summary.png")) > 0
+    os.remove(os.path.join(tmp_path, "quality_jax_x.json"))
+    assert summary.main(["--out", str(tmp_path)]) == 2
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="minutes on MiniLM; once per CI, on torch")
 def test_speed_quick_run_reports_both_phases(tmp_path):
     speed = _load("bench_speed")
