@@ -90,10 +90,10 @@ def _rank_budget(args, preset):
 
 
 def linear_probe(task, args, x, y):
-    """`--probe-steps`: the new head alone trains on the first batches (Adam,
-    the first grid rate) before any adapter exists; these steps count."""
+    """`--probe-steps`: the new head alone trains on the first batches (Adam
+    at `--probe-lr`) before any adapter exists; these steps count."""
     task.backbone.trainable = False
-    task.compile(optimizer=keras.optimizers.Adam(args.lrs[0]), loss=_loss())
+    task.compile(optimizer=keras.optimizers.Adam(args.probe_lr), loss=_loss())
     n = args.probe_steps * args.batch_size
     keras.Model.fit(task, {k: v[:n] for k, v in x.items()}, y[:n], batch_size=args.batch_size, epochs=1, verbose=0)
     task.backbone.trainable = True
@@ -170,7 +170,7 @@ def _key(args, method, lr, seed, variant=""):
             + ("" if args.task == "movies" else f"|task={args.task}")
             + ("" if args.objective == "head" else f"|obj={args.objective}")
             + ("" if args.targets == "qv" else f"|targets={args.targets}")
-            + (f"|probe={args.probe_steps}" if args.probe_steps else ""))
+            + (f"|probe={args.probe_steps}/lr={args.probe_lr}" if args.probe_steps else ""))
 
 
 def rate_beyond_edge(val):
@@ -269,7 +269,7 @@ def write_markdown(args, table, rows, path, png):
         + f"; factorization {args.factorization}), HRP: rank {args.preheat_rank} for {args.preheat_steps} "
         f"steps, LoRA-GA: {args.ga_batches} gradient batches (both count as steps), EVA: the inputs of "
         f"{args.ga_batches} batches (forward passes, not counted). "
-        + (f"Linear probe first: the new head alone trains {args.probe_steps} steps (Adam, lr {args.lrs[0]:g}) "
+        + (f"Linear probe first: the new head alone trains {args.probe_steps} steps (Adam, lr {args.probe_lr:g}) "
            "before the adapters are added, in every method (counted as steps). " if args.probe_steps else "")
         + "Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
         f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
@@ -363,6 +363,7 @@ def parse(argv):
                         help="LoRA on the attention query/value projections, or on every linear layer")
     parser.add_argument("--probe-steps", type=int, default=0,
                         help="train the new head alone this many steps first (a linear probe; --objective head)")
+    parser.add_argument("--probe-lr", type=float, default=3e-2, help="the linear probe's learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
     parser.add_argument("--split-seed", type=int, default=1234)
@@ -415,7 +416,7 @@ def main(argv=None):
                    **{k: [r.get(k) for r in t["runs"]] for k in ("test", "val", "params", "step_ms", "seconds")}}
                for m, t in table.items()}
     setting = {k: getattr(args, k) for k in ("task", "objective", "rank", "targets", "factorization",
-                                             "preheat_rank", "preheat_steps", "probe_steps", "steps", "tag")}
+                                             "preheat_rank", "preheat_steps", "probe_steps", "probe_lr", "steps", "tag")}
     summary = {"setting": {**setting, "command": shlex.join(args.argv)}, "methods": methods}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -43,7 +43,7 @@ def describe(setting):
     lora = [f"r {setting['rank']}", "q/v" if setting["targets"] == "qv" else "all linear",
             setting["factorization"].replace("_", " "), f"R {setting['preheat_rank']}"]
     if setting["probe_steps"]:
-        lora.append(f"linear probe {setting['probe_steps']} steps")
+        lora.append(f"linear probe {setting['probe_steps']} steps at {setting['probe_lr']:g}")
     return task, ", ".join(lora)
 
 
