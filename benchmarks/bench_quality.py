@@ -1,15 +1,17 @@
 """Quality on real data: every LoRA init (and full fine-tuning) on MiniLM.
 
-all-MiniLM-L6-v2 learns movie-review sentiment (the recipe's model and data;
-`--task sources`: which of four sources a sentence comes from, see
-`recipe.snippet_sources`) with fixed seeded splits: test, validation, train. Each method runs the same
-total number of optimizer steps (HRP's preheat and LoRA-GA's gradient
-batches count), LoRA rank 8 on the attention query/value projections. The
-learning rate is picked per method from a grid on the validation split
-(first seed; a pick at the grid's edge extends the grid past it), then every
-seed runs at that rate; the table reports test
-accuracy mean ± std. `--ablation` adds HRP variants on the validation split
-(run after the grid, before the extra seeds).
+all-MiniLM-L6-v2 learns movie-review sentiment (`--task sources`: which of
+four sources a sentence comes from; see `common/recipe.py`) with fixed seeded
+splits: test, validation, train; with a new classification head, or none
+(`--objective prototypes`). Each method runs the same total number of
+optimizer steps (HRP's preheat and LoRA-GA's gradient batches count), LoRA
+rank 8 on the attention query/value projections (`--targets all`: every
+linear layer; `--probe-steps`: the new head alone trains first, a linear
+probe, in every method). The learning rate is picked per method from a grid
+on the validation split (first seed; a pick at the grid's edge extends the
+grid past it), then every seed runs at that rate; the table reports test
+accuracy mean ± std. `--ablation` adds HRP variants (run after the grid,
+before the extra seeds).
 
 Runs are cached (one JSON line each), so an interrupted run resumes.
 
