@@ -252,7 +252,8 @@ def ablation(args, cache, preset, data, lr):
 
 
 def _mean_std(values, scale=100.0, digits=2):
-    return f"{scale * np.mean(values):.{digits}f} ± {scale * np.std(values):.{digits}f}"
+    mean = f"{scale * np.mean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {scale * np.std(values):.{digits}f}"
 
 
 def write_markdown(args, table, rows, path, png):
@@ -275,7 +276,7 @@ def write_markdown(args, table, rows, path, png):
            "before the adapters are added, in every method (counted as steps). " if args.probe_steps else "")
         + "Learning rate per method: best validation accuracy of the grid at seed 0 (a best rate "
         f"at the grid's edge adds the next rate past it, {args.extend_grid} time(s) at most). "
-        f"{args.seeds} seeds at that rate (more where the run cache has them). {os.cpu_count()} CPU cores.",
+        f"{args.seeds} seed(s) at that rate (more where the run cache has them). {os.cpu_count()} CPU cores.",
         "",
     ]
     if args.objective == "prototypes":
