@@ -43,7 +43,7 @@ class HRPCallback(keras.callbacks.Callback):
 
     The defaults are the paper's reading: the preheat is only a probe.
     `init`, `restore_weights` and `warmup_steps` let the main phase keep
-    more of what the preheat learned (see the README's ablation).
+    more of what the preheat learned (see the ablations in benchmarks/README.md).
 
     `preheat_steps="auto"` (the default): every `check_every` updates the
     callback takes each preheating layer's top-`rank` left singular
