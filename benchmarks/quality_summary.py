@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -116,15 +117,20 @@ def write_markdown(table, path, png):
 def plot(table, path):
     fig, ax = plots.figure(10, 0.55 * len(table) + 1.5)
     y = np.arange(len(table))
-    labels = [f"{row['setting'][0]}\n{row['setting'][1]}" for row in table]
-    for offset, key, label in ((-0.18, "hrp", "HRP"), (0.18, "best", "best other init")):
+    labels = [row["setting"][0] + "\n" + textwrap.fill(row["setting"][1], 30) for row in table]
+    for offset, key, label, color in ((-0.18, "hrp", "HRP", "tab:blue"), (0.18, "best", "best other init", "tab:orange")):
         diffs = [(row[key][-2], row[key][-1]) if row[key] else (np.nan, None) for row in table]
         errors = [2 * se if se is not None else 0.0 for _, se in diffs]
-        ax.barh(y + offset, [d for d, _ in diffs], height=0.34, xerr=errors, label=label, capsize=2)
+        hatches = ["" if se is not None else "//" for _, se in diffs]  # one seed: no standard error
+        bars = ax.barh(y + offset, [d for d, _ in diffs], height=0.34, xerr=errors, label=label, capsize=2,
+                       color=color, edgecolor="white")
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("test accuracy − random-init LoRA's (points; bars: ± 2 standard errors)")
+    ax.set_xlabel("test accuracy − random-init LoRA's (points; whiskers: ± 2 standard errors; "
+                  "hatched: one seed, none)")
     ax.legend(fontsize=8)
     plots.save(fig, path)
 
