@@ -1,10 +1,14 @@
-"""Adapter files: every LoRA layer's factors and HRP state, keyed by layer path.
+"""Adapter files: everything a fine-tune trained, keyed by layer path.
 
 One `.npz` file (no pickle, written atomically) holds, for each LoRA layer,
 `A`, `B`, the rank, Keras' `lora_alpha`, the layer's other trainable
-weights (the biases that KerasHub-style LoRA trains) and its `HRPState`.
-Paths, not layer indices, identify layers, so a file cannot load into the
-wrong layers; it loads on any backend.
+weights (the biases that KerasHub-style LoRA trains) and its `HRPState`;
+then every other weight training changes outside the frozen layers (a
+task's new head, a trained pooler or norm, normalization statistics) and
+each layer's trainable flag. Paths, not layer indices, identify layers, so
+a file cannot load into the wrong layers; their positions (see
+`keras_hrp.paths`) let it load into a model whose auto-generated names
+differ. It loads on any backend.
 """
 
 import os
@@ -16,15 +20,17 @@ from keras_hrp import checkpoints
 from keras_hrp import files
 from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import paths
 from keras_hrp import settings
 from keras_hrp import fast_lora
 from keras_hrp.state import HRPState
 from keras_hrp.state import layer_state
+from keras_hrp.switch import changing_variables
 from keras_hrp.switch import rebuild_training_state
 
 KIND = "adapters"
-VERSION = 2
-VERSIONS = (1, 2)
+VERSION = 3
+VERSIONS = (1, 2, 3)
 
 
 def lora_layers(model):
@@ -69,6 +75,9 @@ def save_adapters(model, path):
     if not layers:
         settings.fail(owner, f"model '{model.name}' has no LoRA layer", model=model.name)
     arrays, entries = {}, []
+    others = _trained_outside_adapters(model, layers)
+    for i, variable in enumerate(others):
+        arrays[f"weight{i}"] = ops.convert_to_numpy(variable)
     for i, (layer_path, layer) in enumerate(layers.items()):
         a, b = lora.lora_factors(layer)
         extras = _extras(layer)
@@ -84,31 +93,48 @@ def save_adapters(model, path):
         arrays[f"layer{i}.B"] = ops.convert_to_numpy(b)
         for j, name in enumerate(sorted(extras)):
             arrays[f"layer{i}.extra{j}"] = ops.convert_to_numpy(extras[name])
-    files.write(path, KIND, VERSION, {"layers": entries}, arrays)
+    trainable = {layer.path: bool(layer.trainable) for layer in internals.all_layers(model)}
+    header = {
+        "layers": entries,
+        "weights": [variable.path for variable in others],
+        "trainable": trainable,
+        "positions": paths.of(model, [*trainable, *(v.path for v in others)]),
+    }
+    files.write(path, KIND, VERSION, header, arrays)
+
+
+def _trained_outside_adapters(model, layers):
+    """What training changes outside the LoRA layers: heads, trained
+    norms and poolers, their statistics (never a frozen weight)."""
+    owned = {id(v) for layer in layers.values() for v in internals.own_variables(layer)}
+    return [v for v in changing_variables(model) if id(v) not in owned]
 
 
 def _read(path, owner):
-    """The file's layers as `[(entry, A, B, {extra name: value})]`."""
+    """`(header, items, weights)`: the file's header, its layers as
+    `[(entry, A, B, {extra name: value})]` and its other weights by path."""
     if not os.path.exists(path) and os.path.exists(path + ".npz"):
         path += ".npz"  # written by keras-hrp 0.1, which let numpy add `.npz`
     header, arrays = files.read(path, KIND, VERSIONS, owner)
     try:
         if header.get("format") == 1:
-            return [
+            return header, [
                 (
                     {"path": p, "state": None, **info},
                     arrays[f"{p}::A"], arrays[f"{p}::B"],
                     {name: arrays[f"{p}::{name}"] for name in info["extras"]},
                 )
                 for p, info in header["layers"].items()
-            ]
-        return [
+            ], {}
+        items = [
             (
                 entry, arrays[f"layer{i}.A"], arrays[f"layer{i}.B"],
                 {name: arrays[f"layer{i}.extra{j}"] for j, name in enumerate(entry["extras"])},
             )
             for i, entry in enumerate(header["layers"])
         ]
+        weights = {p: arrays[f"weight{i}"] for i, p in enumerate(header.get("weights", []))}
+        return header, items, weights
     except (KeyError, TypeError, AttributeError) as error:
         settings.fail(owner, f"damaged adapter file ({type(error).__name__}: {error})", path=path)
 
@@ -132,15 +158,21 @@ def _target_state(layer, entry, owner):
     return HRPState(**{**current.to_dict(), "phase": phase}), None
 
 
-def check_plan(model, items, owner):
-    """`(problems, plan)`: every mismatch, and per layer what to load."""
+def check_plan(model, items, owner, resolve=None):
+    """`(problems, plan)`: every mismatch, and per layer what to load
+    (`resolve`: a `paths.Resolver` for the file's paths)."""
+    resolve = resolve or paths.Resolver(model, {})
     layers = {layer.path: layer for layer in internals.all_layers(model)}
     problems, plan = [], []
     for entry, a, b, extras in items:
         layer_path, rank = entry["path"], entry["rank"]
-        layer = layers.get(layer_path)
-        if layer is None or not hasattr(layer, "enable_lora"):
-            problems.append(f"{layer_path}: no such LoRA-capable layer in the model")
+        layer = layers.get(resolve(layer_path))
+        if layer is None:
+            problems.append(f"{layer_path}: no such layer in the model ({resolve.why(layer_path)})")
+            continue
+        if not hasattr(layer, "enable_lora"):
+            problems.append(f"{layer_path}: the model's '{layer.path}' "
+                            f"({type(layer).__name__}) cannot carry LoRA")
             continue
         state, problem = _target_state(layer, entry, owner)
         if problem:
@@ -163,7 +195,7 @@ def check_plan(model, items, owner):
             if name not in weights or tuple(weights[name].shape) != value.shape:
                 problems.append(f"{layer_path}: weight '{name}' {value.shape} does not fit")
         plan.append((layer, entry, state, a, b, extras))
-    covered = {entry["path"] for entry, *_ in items}
+    covered = {layer.path for layer, *_ in plan} | {resolve(entry["path"]) for entry, *_ in items}
     for layer_path in sorted(set(lora_layers(model)) - covered):
         problems.append(f"{layer_path}: LoRA layer of the model missing from the file")
     return problems, plan
@@ -188,7 +220,21 @@ def load_adapters(model, path):
     owner = "load_adapters"
     _check_model(owner, model)
     path = settings.path(owner, "path", path)
-    problems, plan = check_plan(model, _read(path, owner), owner)
+    header, items, weights = _read(path, owner)
+    resolve = paths.Resolver(model, header.get("positions"))
+    problems, plan = check_plan(model, items, owner, resolve)
+    variables = {v.path: v for v in model.weights}
+    targets = []
+    for saved_path, value in weights.items():
+        variable = variables.get(resolve(saved_path))
+        if variable is None:
+            problems.append(f"{saved_path}: trained weight with no place in the model "
+                            f"({resolve.why(saved_path)})")
+        elif tuple(variable.shape) != value.shape:
+            problems.append(f"{saved_path}: trained weight {value.shape}, the model's "
+                            f"'{variable.path}' {tuple(variable.shape)}")
+        else:
+            targets.append((variable, value))
     if problems:
         settings.fail(
             owner,
@@ -196,13 +242,30 @@ def load_adapters(model, path):
             + "\n  ".join(problems),
             path=path,
         )
-    apply_plan(model, plan)
+    refrozen = _set_trainable(model, header.get("trainable"), resolve)
+    for variable, value in targets:
+        variable.assign(value)
+    apply_plan(model, plan, retrain=refrozen)
 
 
-def apply_plan(model, plan):
+def _set_trainable(model, saved, resolve):
+    """The file's trainable flags, parents first (a frozen backbone, then
+    the layers trained inside it); whether any changed."""
+    if not saved:
+        return False
+    flags = {resolve(path): flag for path, flag in saved.items()}
+    changed = False
+    for layer in internals.all_layers(model):
+        if layer.path in flags and layer.trainable != flags[layer.path]:
+            layer.trainable = flags[layer.path]
+            changed = True
+    return changed
+
+
+def apply_plan(model, plan, retrain=False):
     """Writes a checked plan (see `check_plan`) into `model`: layers without
     LoRA get it, others take the plan's rank; the optimizer is rebuilt if
-    built."""
+    built and the trainable variables changed (`retrain`: they did before)."""
     resized = []
     with internals.distribution_scope(model):
         for layer, entry, state, a, b, extras in plan:
@@ -233,6 +296,7 @@ def apply_plan(model, plan):
         internals.retrack_torch_params(
             model, [v for layer in resized for v in lora.lora_factors(layer)]
         )
+    if resized or retrain:
         if getattr(getattr(model, "optimizer", None), "built", False):
             rebuild_training_state(model)
         else:

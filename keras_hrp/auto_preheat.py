@@ -79,10 +79,11 @@ class SubspaceTracker:
         return header, {f"tracker{i}": self._last[path] for i, path in enumerate(paths)}
 
     @classmethod
-    def from_arrays(cls, header, arrays):
-        """The tracker `to_arrays` wrote."""
+    def from_arrays(cls, header, arrays, resolve=lambda path: path):
+        """The tracker `to_arrays` wrote (`resolve` maps its layer paths to
+        the model's)."""
         tracker = cls()
         tracker.checks = [Check(int(step), None if angle is None else float(angle))
                           for step, angle in header["checks"]]
-        tracker._last = {path: arrays[f"tracker{i}"] for i, path in enumerate(header["last"])}
+        tracker._last = {resolve(path): arrays[f"tracker{i}"] for i, path in enumerate(header["last"])}
         return tracker

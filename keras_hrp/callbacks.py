@@ -139,6 +139,8 @@ class HRPCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self._started = self._active = False
+        if getattr(model, "optimizer", None) is not None:
+            internals.update_each_dtype_apart(model.optimizer)
         if not hrp_layers(model):
             settings.fail(
                 "HRPCallback",
@@ -282,11 +284,15 @@ class HRPCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._active:
             done = run_state(self.model).count_updates(self.model)
-            until = "the subspaces were stable" if self.auto else f"preheat_steps={self.preheat_steps}"
+            if self.auto:
+                needs = (f"up to {self._limit} (max_preheat_steps), or until the subspaces "
+                         f"are stable")
+            else:
+                needs = f"{self.preheat_steps} (preheat_steps)"
             warnings.warn(
-                f"HRPCallback: fit ended after {done} preheat updates, before "
-                f"{until}; the HRP layers are still at "
-                "their preheating rank (a later fit with this callback goes on).",
+                f"HRPCallback: fit ended after {done} preheat updates; the preheat needs "
+                f"{needs}, so the HRP layers are still at their preheating rank (a later fit "
+                "with this callback goes on; a shorter preheat_steps switches in this one).",
                 stacklevel=2,
             )
 

@@ -17,6 +17,7 @@ rebuilt first, so its saved slots load), and restores the layers' phases,
 the preheat's progress and the roll-back snapshot.
 """
 
+import json
 import os
 import warnings
 import zlib
@@ -28,6 +29,7 @@ from keras import ops
 from keras_hrp import files
 from keras_hrp import internals
 from keras_hrp import lora
+from keras_hrp import paths
 from keras_hrp import settings
 from keras_hrp import fast_lora
 from keras_hrp.auto_preheat import SubspaceTracker
@@ -37,6 +39,7 @@ from keras_hrp.state import hrp_layers
 from keras_hrp.state import layer_state
 from keras_hrp.state import run_state
 from keras_hrp.switch import WeightSnapshot
+from keras_hrp.switch import learning_rate_config
 from keras_hrp.switch import rebuild_training_state
 
 SUFFIX = ".hrp.npz"
@@ -112,8 +115,20 @@ def _after_stock_load(layer):
 
 
 def _merged(layer):
+    """The merged kernel as a load puts it into the frozen variable.
+
+    Keras writes `layer.kernel` (in the compute dtype under a mixed policy,
+    e.g. bfloat16) and loading casts it to the variable's dtype: the
+    checksum must be of that value, not of the float32 sum.
+    """
     merged = layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel
-    return ops.convert_to_numpy(merged)
+    base = internals.base_weight(layer)
+    return ops.convert_to_numpy(ops.cast(merged, base.dtype))
+
+
+def _merged_dtype(layer):
+    merged = layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel
+    return keras.backend.standardize_dtype(merged.dtype)
 
 
 def _checksum(array):
@@ -141,7 +156,9 @@ def _restore_base(layer, entry, kept):
     delta = entry["scale"] * (a.reshape(-1, b.shape[0]).astype("float64") @ b.astype("float64"))
     delta = lora.to_kernel(layer, delta)
     expected = dict((id(v), value) for v, value in kept)[id(base)].astype("float64") + delta
-    tolerance = 1e-4 if merged.dtype.itemsize >= 4 else 3e-2
+    written = np.dtype(keras.backend.standardize_dtype(entry["merged_dtype"] or merged.dtype)
+                       .replace("bfloat16", "float16"))  # only its width matters here
+    tolerance = 1e-4 if written.itemsize >= 4 else 3e-2
     if np.abs(merged - expected).max() <= tolerance * (1.0 + np.abs(expected).max()):
         return
     base.assign((merged.astype("float64") - delta).astype(merged.dtype))
@@ -179,15 +196,16 @@ def _loading(model):
                 return original(*args, **kwargs)
             owner = f"load_weights of model '{model.name}'"
             header, arrays = files.read(sidecar, KIND, (VERSION,), owner)
-            entries = _entries(model, header, arrays, sidecar, owner)
-            _prepare(model, header, entries)
+            resolve = paths.Resolver(model, header.get("positions"))
+            entries = _entries(model, header, arrays, sidecar, owner, resolve)
+            _prepare(model, header, entries, resolve)
             _LOADING.update((id(entry["layer"]), entry) for entry in entries)
             try:
                 result = original(*args, **kwargs)
             finally:
                 for entry in entries:
                     _LOADING.pop(id(entry["layer"]), None)
-            _apply(model, header, arrays, entries, sidecar, owner)
+            _apply(model, header, arrays, entries, sidecar, owner, resolve)
             return result
 
         return load_weights
@@ -230,6 +248,7 @@ def write_state(model, filepath, with_base=False):
                 _checksum(_merged(layer))
                 if merges and layer.quantization_mode is None else None
             ),
+            "merged_dtype": _merged_dtype(layer) if merges else None,
             "frozen": [variable.name for variable in frozen],
         })
     snapshot = run.snapshot.to_arrays() if run.snapshot is not None else {}
@@ -239,12 +258,18 @@ def write_state(model, filepath, with_base=False):
     if run.tracker is not None:
         tracker, tracked = run.tracker.to_arrays()
         arrays.update(tracked)
+    trainable = {layer.path: bool(layer.trainable) for layer in internals.all_layers(model)}
     header = {
+        "positions": paths.of(model, [*trainable, *snapshot]),
         "tracker": tracker,
         "layers": entries,
         "snapshot": list(snapshot) if run.snapshot is not None else None,
         "iterations": run.counted_iterations,
-        "trainable": {layer.path: bool(layer.trainable) for layer in internals.all_layers(model)},
+        "learning_rate": (  # the switch's warm-up is not in the compiled optimizer
+            None if getattr(model, "optimizer", None) is None
+            else learning_rate_config(model.optimizer)
+        ),
+        "trainable": trainable,
     }
     files.write(sidecar, KIND, VERSION, header, arrays)
 
@@ -254,21 +279,25 @@ def _merges_on_save(layer):
     return hasattr(layer, "enable_lora") and not isinstance(layer, HRPDense)
 
 
-def _entries(model, header, arrays, sidecar, owner):
+def _entries(model, header, arrays, sidecar, owner, resolve):
     """The file's layers matched to `model`'s, or one error listing every mismatch."""
     try:
-        return _match(model, header, arrays, sidecar, owner)
+        return _match(model, header, arrays, sidecar, owner, resolve)
     except (KeyError, TypeError, AttributeError) as error:
         settings.fail(owner, f"damaged state file ({type(error).__name__}: {error})", path=sidecar)
 
 
-def _match(model, header, arrays, sidecar, owner):
+def _match(model, header, arrays, sidecar, owner, resolve):
     layers = {layer.path: layer for layer in internals.all_layers(model)}
     entries, problems = [], []
     for i, saved in enumerate(header["layers"]):
-        layer = layers.get(saved["path"])
-        if layer is None or not hasattr(layer, "enable_lora"):
-            problems.append(f"{saved['path']}: no such LoRA-capable layer")
+        layer = layers.get(resolve(saved["path"]))
+        if layer is None:
+            problems.append(f"{saved['path']}: no such layer ({resolve.why(saved['path'])})")
+            continue
+        if not hasattr(layer, "enable_lora"):
+            problems.append(f"{saved['path']}: the model's '{layer.path}' "
+                            f"({type(layer).__name__}) cannot carry LoRA")
             continue
         state = HRPState.from_dict(saved["state"], f"{owner}, layer '{saved['path']}'")
         a, b = arrays[f"layer{i}.A"], arrays[f"layer{i}.B"]
@@ -280,7 +309,8 @@ def _match(model, header, arrays, sidecar, owner):
         entries.append({
             "layer": layer, "state": state, "A": a, "B": b, "frozen": frozen,
             "scale": state.scale, "lora_alpha": saved["lora_alpha"],
-            "merged_crc": saved["merged_crc"], "problem": None,
+            "merged_crc": saved["merged_crc"], "merged_dtype": saved.get("merged_dtype"),
+            "problem": None,
         })
     missing = sorted(
         layer.path for layer in hrp_layers(model) if layer.path not in {e["layer"].path for e in entries}
@@ -289,21 +319,22 @@ def _match(model, header, arrays, sidecar, owner):
     if problems:
         settings.fail(
             owner,
-            f"'{sidecar}' does not fit the model ({len(problems)} mismatches):\n  "
+            f"'{sidecar}' does not fit model '{model.name}' ({len(problems)} mismatches):\n  "
             + "\n  ".join(problems),
             path=sidecar,
         )
     return entries
 
 
-def _prepare(model, header, entries):
+def _prepare(model, header, entries, resolve):
     """Gives every saved layer its saved rank, and the model a built
     optimizer for them, before Keras loads the file."""
     fresh = [entry for entry in entries if not entry["layer"].lora_enabled]
     if fresh:  # a model not set up for HRP: freeze as it was saved, first
+        trainable = {resolve(path): flag for path, flag in header["trainable"].items()}
         for layer in internals.all_layers(model):
-            if layer.path in header["trainable"]:
-                layer.trainable = header["trainable"][layer.path]
+            if layer.path in trainable:
+                layer.trainable = trainable[layer.path]
     changed = bool(fresh)
     with internals.distribution_scope(model):
         for entry in entries:
@@ -324,13 +355,26 @@ def _prepare(model, header, entries):
             model, [v for entry in entries for v in lora.lora_factors(entry["layer"])]
         )
     optimizer = getattr(model, "optimizer", None)
-    if changed or (optimizer is not None and not optimizer.built):
+    saved_rate = header.get("learning_rate")
+    other_rate = (
+        optimizer is not None and saved_rate is not None
+        and not _same_rate(saved_rate, learning_rate_config(optimizer))
+    )
+    if changed or other_rate or (optimizer is not None and not optimizer.built):
         # Built for the saved variables, so Keras loads the saved slots (as
-        # BackupAndRestore does): exact resume needs the optimizer's state.
-        rebuild_training_state(model)
+        # BackupAndRestore does): exact resume needs the optimizer's state,
+        # and its learning rate as the run had it (a warm-up since the switch).
+        rebuild_training_state(model, learning_rate=saved_rate if other_rate else None)
 
 
-def _apply(model, header, arrays, entries, sidecar, owner):
+def _same_rate(saved, current):
+    """Floats live in a variable the weights file restores; schedules must match."""
+    if isinstance(saved, dict) or isinstance(current, dict):
+        return saved == json.loads(json.dumps(current))  # as the header holds it
+    return True
+
+
+def _apply(model, header, arrays, entries, sidecar, owner, resolve):
     """After Keras' load: factors, states, frozen weights, snapshot, step count."""
     stale = [entry["layer"].path for entry in entries if entry["problem"]]
     if stale:
@@ -354,12 +398,12 @@ def _apply(model, header, arrays, entries, sidecar, owner):
     run = run_state(model)
     tracker = header.get("tracker")
     try:
-        run.tracker = None if tracker is None else SubspaceTracker.from_arrays(tracker, arrays)
+        run.tracker = None if tracker is None else SubspaceTracker.from_arrays(tracker, arrays, resolve)
     except (KeyError, TypeError, ValueError) as error:
         settings.fail(owner, f"damaged state file ({type(error).__name__}: {error})", path=sidecar)
     saved = header.get("snapshot")
     run.snapshot = None if saved is None else WeightSnapshot.from_arrays(
-        model, {path: arrays[f"snapshot{i}"] for i, path in enumerate(saved)}, owner
+        model, {resolve(path): arrays[f"snapshot{i}"] for i, path in enumerate(saved)}, owner
     )
     optimizer = getattr(model, "optimizer", None)
     run.recount_from(optimizer)

@@ -187,6 +187,10 @@ def initialize_lora(
     if targets is not None and not isinstance(targets, dict):
         settings.fail(OWNER, "`targets` must be a dict {layer path: update}", targets=targets)
     layers = _lora_layers(model_or_layers)
+    if not layers:
+        name = getattr(model_or_layers, "name", None) or [layer.name for layer in model_or_layers]
+        settings.fail(OWNER, "no layer has LoRA enabled: nothing to initialize (enable it first: "
+                      "enable_hrp, or a layer's enable_lora)", model_or_layers=name)
     grads = _gradients(model_or_layers, layers, data, loss) if method == "lora_ga" else None
     if method == "eva":
         if not isinstance(model_or_layers, keras.Model):

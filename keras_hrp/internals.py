@@ -21,6 +21,15 @@ def all_layers(model, include_self=True):
     return list(model._flatten_layers(include_self=include_self, recursive=True))
 
 
+def child_layers(layer):
+    """The layers directly under `layer`, in the order Keras tracks them.
+
+    Keras exposes no public list of a layer's direct sublayers (`layers`
+    exists on models only, and not for nested attention projections).
+    """
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
 def own_variables(layer):
     """The variables a layer owns directly, not those of its sublayers.
 
@@ -192,7 +201,8 @@ def wrap_method(owner, name, make_wrapper):
     - a KerasHub backbone's `save_lora_weights` / `load_lora_weights`: their
       file holds one rank, so they refuse while layers preheat;
     - an adapted layer's `call`: Keras' float LoRA path multiplies by the
-      merged kernel; keras-hrp never forms the merged kernel's gradient.
+      merged kernel; keras-hrp never forms the merged kernel's gradient;
+    - a torch optimizer's `_backend_update_step` (`update_each_dtype_apart`).
     Only this instance changes; wrapping twice is a no-op.
     """
     original = getattr(owner, name)
@@ -201,6 +211,35 @@ def wrap_method(owner, name, make_wrapper):
     wrapper = functools.wraps(original)(make_wrapper(original))
     wrapper._keras_hrp_wrapped = True
     object.__setattr__(owner, name, wrapper)
+
+
+def update_each_dtype_apart(optimizer):
+    """Makes a torch-backend optimizer update variables of each dtype apart.
+
+    Keras' torch Adam, AdamW, Nadam, RMSprop, ... compute their step sizes
+    in the dtype of the *first* variable of the update (`_parallel_update_
+    step`). In a bfloat16 model that is a bfloat16 bias, where `beta_2 **
+    step` rounds to 1: Adam's step is exactly 0 for every variable, the
+    float32 adapters included, and nothing trains. There is no public hook
+    on the update; grouping by dtype gives each group its own dtype.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    if keras.backend.backend() != "torch" or not hasattr(inner, "_parallel_update_step"):
+        return
+
+    def make(original):
+        def _backend_update_step(grads, trainable_variables, learning_rate):
+            groups = {}
+            for grad, variable in zip(grads, trainable_variables):
+                pair = groups.setdefault(variable.dtype, ([], []))
+                pair[0].append(grad)
+                pair[1].append(variable)
+            for group_grads, group_variables in groups.values():
+                original(group_grads, group_variables, learning_rate)
+
+        return _backend_update_step
+
+    wrap_method(inner, "_backend_update_step", make)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@
 import numpy as np
 from keras import ops
 
+from keras_hrp import settings
+
 
 def _as_matrix(x, name):
     x = ops.convert_to_tensor(x, dtype="float32")
@@ -14,12 +16,6 @@ def _as_matrix(x, name):
     return x
 
 
-def _check_rank(rank, max_rank, shapes):
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(
-            f"`rank` must be an integer in [1, {max_rank}] for {shapes}. "
-            f"Received: rank={rank!r}"
-        )
 
 
 def fixed_signs(u, v):
@@ -74,7 +70,7 @@ def svd_of_product(a, b, rank=None):
     max_rank = min(m, n, k)
     if rank is None:
         rank = max_rank
-    _check_rank(rank, max_rank, f"a.shape={(m, k)}, b.shape={(k, n)}")
+    rank = settings.rank("svd_of_product", rank, max_rank, f"a.shape={(m, k)}, b.shape={(k, n)}")
     q_a, r_a = ops.qr(a, mode="reduced")
     q_b, r_b = ops.qr(ops.transpose(b), mode="reduced")
     core = ops.matmul(r_a, ops.transpose(r_b))
@@ -114,7 +110,7 @@ def randomized_svd(w, rank, oversample=8, power_iterations=2, seed=None):
 
     w = _as_matrix(w, "w")
     m, n = w.shape
-    _check_rank(rank, min(m, n), f"w.shape={(m, n)}")
+    rank = settings.rank("randomized_svd", rank, min(m, n), f"w.shape={(m, n)}")
     width = min(rank + oversample, m, n)
     q, _ = ops.qr(ops.matmul(w, keras.random.normal((n, width), seed=seed)))
     for _ in range(power_iterations):
@@ -149,7 +145,7 @@ def truncated_svd(w, rank, method="auto", seed=None):
             "truncated_svd: `method` must be 'auto', 'full' or 'randomized'. "
             f"Received: method={method!r}"
         )
-    _check_rank(rank, min(m, n), f"w.shape={(m, n)}")
+    rank = settings.rank("truncated_svd", rank, min(m, n), f"w.shape={(m, n)}")
     small = min(m, n)
     if method == "auto":
         large = small >= RANDOMIZED_MIN_DIM and 4 * (rank + 8) <= small

@@ -10,6 +10,7 @@ pair (rank `r + r0`), as PEFT's own conversion of such adapters does.
 
 import json
 import os
+import warnings
 from collections import Counter
 
 import keras
@@ -22,6 +23,7 @@ from keras_hrp import peft_files
 from keras_hrp import peft_mapping
 from keras_hrp import settings
 from keras_hrp.adapters import lora_layers
+from keras_hrp.state import hrp_layers
 
 OWNER = "export_peft"
 PREFIX = peft_files.PREFIX
@@ -138,7 +140,32 @@ def _originals(base_model, table, adapters):
     return originals, problems
 
 
-def export_peft(model, directory, base_model_name_or_path=None, family="bert", base_model=None):
+def exported_kind(model):
+    """`"backbone"` for a KerasHub backbone, `"task"` for a KerasHub task,
+    `None` for another model (named as the task class)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "backbone" if "Backbone" in names else "task" if "Task" in names else None
+
+
+def _refuse_preheating(model, allow_preheating):
+    """A preheating layer's adapter is the probe at rank `R`, not the
+    fine-tune: refused, or exported with a warning when asked."""
+    preheating = sorted(layer.path for layer in hrp_layers(model, phase="preheat"))
+    if not preheating:
+        return
+    ranks = sorted({layer.lora_rank for layer in hrp_layers(model, phase="preheat")})
+    message = (f"{len(preheating)} HRP layers of model '{model.name}' are still in their "
+               f"preheat phase (rank {', '.join(map(str, ranks))}, not their main rank): "
+               f"{', '.join(preheating)}")
+    if not allow_preheating:
+        settings.fail(OWNER, message + ". Switch first (HRPCallback, switch_to_main), or pass "
+                      "allow_preheating=True to export the preheat's adapter",
+                      allow_preheating=allow_preheating)
+    warnings.warn(f"{OWNER}: {message}; exporting the preheat's adapter as asked.", stacklevel=3)
+
+
+def export_peft(model, directory, base_model_name_or_path=None, family="bert", base_model=None,
+                allow_preheating=False):
     """Writes `model`'s LoRA adapters as a PEFT LoRA adapter in `directory`.
 
     `adapter_model.safetensors` and `adapter_config.json`, as PEFT's
@@ -148,8 +175,14 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
     LoRA of rank `heads * r`; per-layer ranks go to `rank_pattern` /
     `alpha_pattern`; trained biases of the adapted layers to
     `bias="lora_only"`; a trained head (a task's `logits`) to
-    `modules_to_save`. Anything it cannot carry is one error listing every
-    layer, and nothing is written.
+    `modules_to_save`. Names and `task_type` follow what is exported
+    (`keras_hrp.peft_mapping.TARGETS`): a BERT backbone attaches to the bare
+    `BertModel` (`AutoModel`, names `encoder.layer.…`, `FEATURE_EXTRACTION`),
+    a `BertTextClassifier` to `BertForSequenceClassification` (`bert.…`,
+    `SEQ_CLS`), a Gemma or Llama backbone or CausalLM to `*ForCausalLM`
+    (`CAUSAL_LM`). Anything it cannot carry is one error listing every
+    layer, and nothing is written. HRP layers still preheating are refused
+    (see `allow_preheating`).
 
     Layers whose init moved part of the pretrained weight into the adapter
     (`initialize_lora` with PiSSA, MiLoRA, OLoRA, LoRA-GA) export against
@@ -167,6 +200,8 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
         family: the architecture's mapping table.
         base_model: optional; the same architecture with the pretrained
             weights (see above).
+        allow_preheating: export HRP layers still in their preheat phase
+            (their rank-`R` probe), with a warning; refused by default.
 
     Returns:
         The config written, as a dict.
@@ -178,8 +213,10 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)
     family = settings.choice(OWNER, "family", family, tuple(peft_mapping.FAMILIES))
+    _refuse_preheating(model, settings.boolean(OWNER, "allow_preheating", allow_preheating))
     directory = settings.path(OWNER, "directory", directory)
     table = peft_mapping.FAMILIES[family]
+    kind = exported_kind(model)
     adapters, heads, problems = _plan(model, table)
     if base_model is not None and not isinstance(base_model, keras.Model):
         settings.fail(OWNER, "`base_model` must be a Keras model", error=TypeError, base_model=base_model)
@@ -190,6 +227,9 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
     if problems:
         settings.fail(OWNER, f"model '{model.name}' cannot be exported as it is "
                       f"({len(problems)} layers):\n  " + "\n  ".join(problems), family=family)
+    bare = kind == "backbone"
+    adapters = {p: (layer, peft_mapping.exported_name(family, m, bare)) for p, (layer, m) in adapters.items()}
+    heads = {p: (layer, peft_mapping.exported_name(family, m, bare)) for p, (layer, m) in heads.items()}
     tensors, ranks, alphas, biased = {}, {}, {}, False
     for path, (layer, module) in adapters.items():
         layer_tensors, rank = _layer_tensors(layer, module, originals.get(path))
@@ -201,7 +241,8 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(a for m, a in alphas.items() if ranks[m] == rank).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": peft_mapping.TARGETS[family, kind or "task"][1],
+        "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "fan_in_fan_out": False,
         "target_modules": sorted(ranks), "bias": "lora_only" if biased else "none",
         "modules_to_save": sorted(module for _, module in heads.values()) or None,

@@ -133,7 +133,7 @@ def _head_item(layer, module, parts, problems):
     return layer, values
 
 
-def _plan(model, config, tensors, table):
+def _plan(model, config, tensors, family):
     """`(items, heads, problems)`: every module of the file, placed."""
     grouped, problems = {}, []
     for name, value in tensors.items():
@@ -142,10 +142,11 @@ def _plan(model, config, tensors, table):
             problems.append(f"{name}: not a PEFT LoRA tensor name")
             continue
         grouped.setdefault(split[0], {})[split[1]] = value
-    layers = _layers_by_module(model, table)
-    saved = set(config.get("modules_to_save") or ())
+    layers = _layers_by_module(model, peft_mapping.FAMILIES[family])
+    saved = {peft_mapping.table_name(family, m) for m in config.get("modules_to_save") or ()}
     items, heads = [], []
     for module, parts in sorted(grouped.items()):
+        module = peft_mapping.table_name(family, module)  # a bare model's names too
         layer = layers.get(module)
         if layer is None:
             problems.append(f"{module}: no layer of model '{model.name}' maps to this module")
@@ -167,8 +168,9 @@ def import_peft(model, directory, family="bert"):
 
     Reads `adapter_config.json` and `adapter_model.safetensors` (as PEFT's
     `save_pretrained` writes them; no torch needed) and maps each module to
-    the model's layer by the family's table (`keras_hrp.peft_mapping`).
-    Each adapted layer gets standard LoRA (an EinsumDense the 'full'
+    the model's layer by the family's table (`keras_hrp.peft_mapping`),
+    named as the task class names it (`bert.encoder.…`) or as the bare
+    model does (`encoder.…`, what a backbone's export writes). Each adapted layer gets standard LoRA (an EinsumDense the 'full'
     factorization) at the module's rank (`rank_pattern`) and scale
     (`lora_alpha / r`, `alpha_pattern`, `use_rslora`); trained biases
     (`bias="lora_only"` / `"all"`) and `modules_to_save` (a classifier
@@ -199,7 +201,7 @@ def import_peft(model, directory, family="bert"):
     directory = settings.path(OWNER, "directory", directory)
     config = _read_config(directory)
     tensors = peft_files.read_safetensors(os.path.join(directory, peft_files.WEIGHTS))
-    items, heads, problems = _plan(model, config, tensors, peft_mapping.FAMILIES[family])
+    items, heads, problems = _plan(model, config, tensors, family)
     more, _ = adapters.check_plan(model, items, OWNER)
     problems += more
     if problems:

@@ -56,6 +56,39 @@ LLAMA = (
     (r"transformer_layer_(\d+)/feedforward_output_dense", "model.layers.{0}.mlp.down_proj"),
 )
 FAMILIES = {"bert": BERT, "gemma": GEMMA, "llama": LLAMA}
+# The module prefix of the task classes above that the bare transformers model
+# (`AutoModel`, what a KerasHub backbone is) lacks. Decoders export for
+# `*ForCausalLM` whether a backbone or a CausalLM is exported.
+BARE_PREFIX = {"bert": "bert."}
+# The transformers model an export attaches to, by what is exported, and
+# PEFT's `task_type` for it.
+TARGETS = {
+    ("bert", "backbone"): ("BertModel (AutoModel)", "FEATURE_EXTRACTION"),
+    ("bert", "task"): ("BertForSequenceClassification", "SEQ_CLS"),
+    ("gemma", "backbone"): ("GemmaForCausalLM", "CAUSAL_LM"),
+    ("gemma", "task"): ("GemmaForCausalLM", "CAUSAL_LM"),
+    ("llama", "backbone"): ("LlamaForCausalLM", "CAUSAL_LM"),
+    ("llama", "task"): ("LlamaForCausalLM", "CAUSAL_LM"),
+}
+
+
+def exported_name(family, module, bare):
+    """A table's module name as the exported model names it (`bare`: a
+    backbone, which maps to the bare transformers model)."""
+    prefix = BARE_PREFIX.get(family)
+    if bare and prefix and module.startswith(prefix):
+        return module[len(prefix):]
+    return module
+
+
+def table_name(family, module):
+    """The table's name of a module named either way (task class or bare
+    model): a bare model's module gets the task class's prefix back."""
+    prefix = BARE_PREFIX.get(family)
+    outside = {template for _, template in FAMILIES[family] if prefix and not template.startswith(prefix)}
+    if prefix and not module.startswith(prefix) and module not in outside:  # e.g. `classifier`
+        return prefix + module
+    return module
 
 
 def module_name(table, path):

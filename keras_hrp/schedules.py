@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_hrp import settings
+
 
 @keras.saving.register_keras_serializable(package="keras_hrp")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
@@ -20,13 +22,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, learning_rate, warmup_steps):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(
-                "LinearWarmup: `warmup_steps` must be a positive integer. "
-                f"Received: warmup_steps={warmup_steps!r}"
-            )
         self.learning_rate = learning_rate
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = settings.integer("LinearWarmup", "warmup_steps", warmup_steps, minimum=1)
 
     def __call__(self, step):
         base = self.learning_rate

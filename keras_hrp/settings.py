@@ -47,6 +47,15 @@ def integer(owner, name, value, minimum=None, optional=False):
     return value
 
 
+def rank(owner, value, maximum, context):
+    """A rank in `[1, maximum]` as a Python int; `context` says why that
+    maximum (e.g. the shapes), in the error."""
+    if not is_integer(value) or not 1 <= int(value) <= maximum:
+        shown = int(value) if is_integer(value) else value
+        fail(owner, f"`rank` must be an integer in [1, {maximum}] for {context}", rank=shown)
+    return int(value)
+
+
 def positive_number(owner, name, value, optional=False):
     """`value` as a finite, positive Python float."""
     if value is None and optional:

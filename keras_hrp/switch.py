@@ -36,7 +36,7 @@ def _is_adapter(layer, variable):
     )
 
 
-def _changing_variables(model):
+def changing_variables(model):
     """Variables training may change, minus HRP adapters and frozen weights."""
     variables = []
     for layer in internals.all_layers(model):
@@ -65,13 +65,13 @@ class WeightSnapshot:
     """
 
     def __init__(self, model):
-        variables = _changing_variables(model)
+        variables = changing_variables(model)
         self._entries = [(v, ops.convert_to_numpy(v)) for v in variables]
 
     @classmethod
     def from_arrays(cls, model, arrays, owner="WeightSnapshot"):
         """Rebuilds a snapshot of `model` from `to_arrays()`' output."""
-        variables = {v.path: v for v in _changing_variables(model)}
+        variables = {v.path: v for v in changing_variables(model)}
         missing = [
             path for path, value in arrays.items()
             if path not in variables or tuple(variables[path].shape) != value.shape
@@ -238,7 +238,24 @@ def _warmed_up(optimizer, warmup_steps):
     optimizer.learning_rate = LinearWarmup(base, warmup_steps)
 
 
-def rebuild_training_state(model, warmup_steps=0):
+def learning_rate_config(optimizer):
+    """The optimizer's learning rate as its config holds it: a float, or a
+    schedule's serialized config (JSON-safe; `LinearWarmup` included)."""
+    base = internals.base_learning_rate(optimizer)
+    if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.saving.serialize_keras_object(base)
+    return float(ops.convert_to_numpy(base))
+
+
+def _fresh_optimizer(optimizer, learning_rate):
+    config = optimizer.get_config()
+    if learning_rate is not None:
+        inner = config["inner_optimizer"]["config"] if "inner_optimizer" in config else config
+        inner["learning_rate"] = learning_rate
+    return optimizer.__class__.from_config(config)
+
+
+def rebuild_training_state(model, warmup_steps=0, learning_rate=None):
     """Fresh optimizer (new slots, `iterations` 0) and compiled functions.
 
     Call after variables were added or removed on a compiled model; works
@@ -246,12 +263,13 @@ def rebuild_training_state(model, warmup_steps=0):
     optimizer variables under the model's distribution strategy. With
     `warmup_steps > 0` the fresh optimizer's learning rate ramps up
     linearly over that many steps (`LinearWarmup`). A learning-rate
-    schedule restarts from step 0 either way.
+    schedule restarts from step 0 either way. `learning_rate` (a float or
+    a `learning_rate_config`) replaces the optimizer's before that.
     """
     optimizer = getattr(model, "optimizer", None)
     with internals.distribution_scope(model):
         if optimizer is not None:
-            fresh = optimizer.__class__.from_config(optimizer.get_config())
+            fresh = _fresh_optimizer(optimizer, learning_rate)
             if warmup_steps:
                 _warmed_up(fresh, warmup_steps)
             internals.replace_compiled_optimizer(model, optimizer, fresh)
@@ -259,6 +277,7 @@ def rebuild_training_state(model, warmup_steps=0):
             del optimizer
             gc.collect()  # the old slots and rank-R variables go before the fresh slots come
             fresh.build(model.trainable_variables)
+            internals.update_each_dtype_apart(fresh)
         internals.drop_compiled_functions(model)
     run_state(model).recount_from(getattr(model, "optimizer", None))
 

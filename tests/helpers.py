@@ -40,6 +40,26 @@ def hrp_mlp(rank=4, preheat_rank=12, variant="classic", lora_alpha=None, d_in=32
     return keras.Model(inputs, outputs, name="hrp_mlp")
 
 
+# Reduced-precision policies a GPU run uses, where this backend runs them on
+# the CPU (XLA's CPU dot has no float16 inputs with float32 accumulation).
+F16_ON_CPU = BACKEND != "jax"
+REDUCED_POLICIES = ["mixed_bfloat16", "bfloat16"] + (["mixed_float16"] if F16_ON_CPU else [])
+
+
+class dtype_policy:
+    """`with dtype_policy("mixed_bfloat16"): build()`; the old policy after."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __enter__(self):
+        self.previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.policy)
+
+    def __exit__(self, *exc):
+        keras.config.set_dtype_policy(self.previous)
+
+
 def numpy_of(x):
     return ops.convert_to_numpy(x)
 

@@ -43,11 +43,14 @@ class InterruptAt(keras.callbacks.Callback):
             raise Interrupted(f"interrupted after step {self.step}")
 
 
-def set_up(kind, base_path, mean_rank=None):
+def set_up(kind, base_path, mean_rank=None, policy="float32", rate="float"):
     """A model set up the same way in every process: build, base weights, HRP
-    (hub: `rank="auto"` at `mean_rank` times the rank-1 parameters, if given)."""
+    (hub: `rank="auto"` at `mean_rank` times the rank-1 parameters, if given),
+    under the dtype `policy`, compiled with a float learning `rate` or a
+    `"schedule"`."""
     keras.backend.clear_session()  # the same layer paths in every process
     keras.utils.set_random_seed(0)
+    keras.config.set_dtype_policy(policy)
     if kind == "hub":
         model, x, y, loss = bert_classifier(dropout=0.0)
     else:
@@ -61,7 +64,8 @@ def set_up(kind, base_path, mean_rank=None):
         keras_hrp.enable_hrp(model, rank=2, preheat_rank=6)
     else:  # HRPDense models: attach before any load that should read the state file
         keras_hrp.checkpoints.attach(model)
-    model.compile(keras.optimizers.Adam(3e-3), loss=loss)
+    learning_rate = 3e-3 if rate == "float" else keras.optimizers.schedules.ExponentialDecay(3e-3, 4, 0.8)
+    model.compile(keras.optimizers.Adam(learning_rate), loss=loss)
     return model, x, y
 
 
@@ -74,9 +78,19 @@ def base_weights(kind, path):
 
 
 def run(spec):
-    """One fit (or the rest of one): final weights and HRP states."""
-    model, x, y = set_up(spec["kind"], spec["base"], spec.get("mean_rank"))
-    hrp = keras_hrp.HRPCallback(spec["preheat"], verbose=0, **spec.get("auto", {}))
+    """One fit (or the rest of one): final weights and HRP states (the
+    process's dtype policy is float32 again afterwards)."""
+    try:
+        return _run(spec)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def _run(spec):
+    model, x, y = set_up(spec["kind"], spec["base"], spec.get("mean_rank"),
+                         spec.get("policy", "float32"), spec.get("rate", "float"))
+    hrp = keras_hrp.HRPCallback(spec["preheat"], verbose=0, warmup_steps=spec.get("warmup", 0),
+                                **spec.get("auto", {}))
     callbacks = [hrp]
     if spec.get("backup_dir"):
         backup = keras.callbacks.BackupAndRestore(spec["backup_dir"])

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_hrp
+from keras_hrp import internals
 from keras_hrp import lora
 from tests.adapter_writer import probe_tokens
 from tests.adapter_writer import tiny_model
@@ -199,3 +201,71 @@ def test_files_record_the_factorization(tmp_path):
     keras_hrp.load_adapters(fresh, path)
     query = fresh.get_layer("mha").query_dense
     assert query.hrp_state.factorization == "full" and tuple(query.lora_kernel_a.shape) == (32, 2)
+
+
+def _trained_classifier(seed):
+    """A tiny BertTextClassifier fine-tuned with HRP: its new head trains."""
+    from tests.helpers import bert_classifier
+
+    keras.utils.set_random_seed(seed)
+    model, x, y, loss = bert_classifier(dropout=0.0)
+    return model, x, y, loss
+
+
+def test_trained_head_and_freezing_travel_with_the_adapters(tmp_path):
+    pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
+    model, x, y, loss = _trained_classifier(0)
+    base = os.path.join(tmp_path, "base.weights.h5")
+    model.save_weights(base)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6)
+    model.compile(keras.optimizers.Adam(1e-2), loss=loss)
+    keras.Model.fit(model, x, y, batch_size=16, epochs=2, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    path = os.path.join(tmp_path, "classifier.npz")
+    keras_hrp.save_adapters(model, path)
+    fresh, *_ = _trained_classifier(1)  # another random head
+    fresh.load_weights(base)
+    head = fresh.get_layer("logits")
+    assert not np.allclose(numpy_of(head.kernel), numpy_of(model.get_layer("logits").kernel))
+    keras_hrp.load_adapters(fresh, path)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert sorted(v.path for v in fresh.trainable_variables) == sorted(v.path for v in model.trainable_variables)
+    assert not fresh.backbone.get_layer("token_embedding").trainable_weights  # the backbone frozen again
+    # A model without the head: one error naming each weight that has no place.
+    backbone = keras.models.clone_model(fresh.backbone)
+    with pytest.raises(ValueError, match=r"(?s)2 mismatches.*logits/kernel: trained weight with no place.*logits/bias"):
+        keras_hrp.load_adapters(backbone, path)
+    assert not keras_hrp.adapters.lora_layers(backbone)  # nothing changed
+
+
+def _sequential(units=16):
+    return keras.Sequential([
+        keras.Input((16,)),
+        keras_hrp.HRPDense(units, rank=2, preheat_rank=8, activation="relu"),
+        keras.layers.Dense(4),
+    ])
+
+
+def test_auto_named_models_load_by_position(tmp_path):
+    """A second identical Sequential gets other auto names (`sequential_1/
+    hrp_dense_1`), as does `keras.saving.load_model`'s: files still fit."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 4, 32)
+    model = _sequential()
+    model.compile(keras.optimizers.Adam(1e-2), logits_loss())
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
+    path = os.path.join(tmp_path, "seq.npz")
+    keras_hrp.save_adapters(model, path)
+    twin = _sequential()
+    assert twin.layers[0].path != model.layers[0].path
+    keras_hrp.load_adapters(twin, path)
+    for layer, source in zip(twin.layers, model.layers):  # the frozen kernel is the caller's
+        if isinstance(layer, keras_hrp.HRPDense):
+            internals.base_weight(layer).assign(numpy_of(internals.base_weight(source)))
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert twin.layers[0].hrp_state.phase == "main" and twin.layers[0].lora_rank == 2
+    # Where the position holds nothing that fits, the error names both sides.
+    other = keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])
+    saved = re.escape(model.layers[0].path)
+    with pytest.raises(ValueError, match=rf"(?s)load_adapters: .* does not fit model '{other.name}'.*"
+                                         rf"{saved}: no such layer in the model .*position 'hrp_dense'"):
+        keras_hrp.load_adapters(other, path)

@@ -106,7 +106,7 @@ def test_fit_ending_before_preheat_warns_and_next_fit_goes_on():
     model.compile("adam", "mse")
     before = model.predict(x, verbose=0)
     hrp = keras_hrp.HRPCallback(6, verbose=0)
-    with pytest.warns(UserWarning, match="after 4 preheat updates, before preheat_steps=6"):
+    with pytest.warns(UserWarning, match="fit ended after 4 preheat updates; the preheat needs 6 \\(preheat_steps\\)"):
         model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
     probe = _Probe(hrp, x)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[hrp, probe], verbose=0)

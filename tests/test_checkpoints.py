@@ -14,6 +14,7 @@ import keras_hrp
 from keras_hrp import internals
 from tests import resume_worker
 from tests.helpers import BACKEND
+from tests.helpers import F16_ON_CPU
 from tests.helpers import numpy_of
 from tests.helpers import weights_by_path
 
@@ -292,3 +293,71 @@ def test_auto_preheat_resumes_its_checks_in_a_new_process(tmp_path):
     assert resumed["switch_step"] == 12
     np.testing.assert_allclose(np.array([c[1] for c in resumed["checks"][1:]]),
                                np.array([c[1] for c in reference["checks"][1:]]), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("policy, rate", [
+    ("mixed_bfloat16", "schedule"),
+    ("mixed_bfloat16", "float"),
+    pytest.param("mixed_float16", "float", marks=pytest.mark.skipif(
+        not F16_ON_CPU, reason="XLA's CPU dot has no float16 inputs with float32 accumulation")),
+])
+def test_mixed_precision_with_warmup_resumes_exactly(policy, rate, tmp_path):
+    """GPU-style runs: Keras writes the merged kernels in the compute dtype,
+    and the switch's warm-up lives only in the fresh optimizer; both must
+    come back at each interruption point (a schedule and a float rate)."""
+    base, frozen = _pretrained("hub", tmp_path)
+    common = {"kind": "hub", "base": base, "policy": policy, "rate": rate, "warmup": 4}
+    references = {preheat: resume_worker.run({**common, "preheat": preheat}) for preheat in (6, 8)}
+    unwarmed = resume_worker.run({**common, "preheat": 6, "warmup": 0})
+    differs = [path for path, value in unwarmed["weights"].items()
+               if not np.allclose(value, references[6]["weights"][path], rtol=1e-3, atol=1e-5)]
+    assert differs  # the warm-up changes the run: a resume without it would show
+    specs, expected = [], []
+    for name, preheat, step, orders in POINTS:
+        spec = {**common, "preheat": preheat, "order": orders[0],
+                "backup_dir": os.path.join(tmp_path, name), "out": os.path.join(tmp_path, f"{name}.npz")}
+        assert resume_worker.run({**spec, "interrupt_at": step}) is None
+        specs.append(spec)
+        expected.append(references[preheat])
+    for spec, resumed, reference in zip(specs, _in_new_process(specs, tmp_path), expected):
+        _assert_same_run(resumed, reference, frozen)
+        assert all(s["phase"] == "main" for s in resumed["states"].values())
+
+
+def _quick_start_model():
+    model = keras.Sequential([
+        keras.Input((16,)),
+        keras_hrp.HRPDense(16, rank=2, preheat_rank=8, activation="relu"),
+        keras.layers.Dense(4),
+    ])
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("stop", ["preheat", "main"])
+def test_sequential_checkpoints_load_despite_auto_names(stop, tmp_path):
+    """The Quick start's model: `keras_hrp.load_model` of its `.keras` file,
+    and its weights files into a second identical model of the same process
+    (other auto names), mid-preheat (snapshot and progress) and after the switch."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 16)).astype("float32"), rng.integers(0, 4, 32)
+    model = _quick_start_model()
+    hrp = keras_hrp.HRPCallback(3 if stop == "main" else 100, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[hrp])
+    expected = model.predict(x, verbose=0)
+    keras_file, weights_file = str(tmp_path / "m.keras"), str(tmp_path / "m.weights.h5")
+    model.save(keras_file)
+    model.save_weights(weights_file)
+    restored = keras_hrp.load_model(keras_file)
+    assert restored.layers[0].path != model.layers[0].path
+    np.testing.assert_allclose(restored.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    twin = _quick_start_model()
+    keras_hrp.checkpoints.attach(twin)
+    twin.load_weights(weights_file)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    for copy in (restored, twin):
+        layer = copy.layers[0]
+        assert layer.hrp_state == model.layers[0].hrp_state and layer.lora_rank == model.layers[0].lora_rank
+        assert int(numpy_of(copy.optimizer.iterations)) == int(numpy_of(model.optimizer.iterations))
+    if stop == "preheat":  # the roll back of the twin returns to the original's start
+        assert len(keras_hrp.state.run_state(twin).snapshot) == len(keras_hrp.state.run_state(model).snapshot)

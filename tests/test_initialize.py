@@ -204,3 +204,16 @@ def test_full_factorization_layers(method):
     if method == "pissa":
         u = np.linalg.svd(w, full_matrices=False)[0][:, :3]
         assert principal_angle_cos(a, u) > 1 - 1e-4
+
+
+@pytest.mark.parametrize("given, match", [
+    ("model", "no layer has LoRA enabled: nothing to initialize.*Received: model_or_layers="),
+    ("layers", "every layer needs LoRA enabled first. Received: layers=\\['input_layer'"),
+])
+def test_a_model_without_lora_layers_is_an_error(given, match):
+    model = tiny_model()
+    target = model if given == "model" else list(model.layers)
+    before = [numpy_of(v) for v in model.weights]
+    with pytest.raises(ValueError, match="initialize_lora: " + match):
+        keras_hrp.initialize_lora(target, "pissa")
+    assert all(np.array_equal(numpy_of(v), b) for v, b in zip(model.weights, before))

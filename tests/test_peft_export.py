@@ -86,3 +86,33 @@ def test_what_cannot_be_exported_is_listed(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
     with pytest.raises(ValueError, match="`family` must be one of .*family='gpt9'"):
         keras_hrp.export_peft(task, tmp_path, family="gpt9")
+
+
+@pytest.mark.parametrize("exported", ["backbone", "task"])
+def test_names_follow_what_is_exported_and_import_takes_both(exported, tmp_path):
+    """A backbone attaches to the bare BertModel (`encoder.layer.…`), a task
+    to BertForSequenceClassification (`bert.encoder.…`); task_type says so."""
+    keras.utils.set_random_seed(0)
+    task, x, *_ = bert_classifier(dropout=0.0)
+    keras_hrp.enable_hrp(task, rank=2)
+    rng = np.random.default_rng(0)
+    for layer in keras_hrp.hrp_layers(task):
+        for variable in lora.lora_factors(layer):
+            variable.assign(rng.normal(scale=0.1, size=variable.shape).astype("float32"))
+    model = task.backbone if exported == "backbone" else task
+    config = keras_hrp.export_peft(model, str(tmp_path))
+    names = sorted(read_safetensors(os.path.join(tmp_path, "adapter_model.safetensors")))
+    first = PREFIX + ("encoder.layer.0" if exported == "backbone" else "bert.encoder.layer.0")
+    assert names and all(name.startswith(PREFIX) for name in names)
+    assert any(name.startswith(first + ".attention.self.query.lora_A") for name in names), names
+    assert config["task_type"] == {"backbone": "FEATURE_EXTRACTION", "task": "SEQ_CLS"}[exported]
+    assert (config["modules_to_save"] == ["classifier"]) == (exported == "task")
+    keras.utils.set_random_seed(0)
+    fresh, *_ = bert_classifier(dropout=0.0)  # the same base weights and head
+    target = fresh.backbone if exported == "backbone" else fresh
+    keras_hrp.import_peft(target, str(tmp_path))
+    def outputs(m):
+        return numpy_of(m(x)["sequence_output"]) if exported == "backbone" else m.predict(x, verbose=0)
+
+    np.testing.assert_allclose(outputs(target), outputs(model), rtol=1e-4, atol=1e-5)
+    assert len(keras_hrp.adapters.lora_layers(target)) == len(keras_hrp.hrp_layers(task))

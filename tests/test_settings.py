@@ -243,3 +243,46 @@ def test_a_name_is_not_split_into_characters():
 def test_invalid_regular_expression():
     with pytest.raises(ValueError, match="enable_hrp: `target_layer_names` holds an invalid regular expression.*target_layer_names='que\\('"):
         keras_hrp.enable_hrp(_tiny(), 2, 4, target_layer_names=["query", "que("])
+
+
+def _rank_takers():
+    """Every public function taking a rank, called on a 6 x 5 weight."""
+    from keras_hrp import initializers as inits
+    from keras_hrp import linalg
+
+    rng = np.random.default_rng(0)
+    w, a, b = (rng.normal(size=shape).astype("float32") for shape in ((6, 5), (6, 4), (4, 5)))
+    return {
+        "svd_of_product": (lambda r: keras_hrp.svd_of_product(a, b, rank=r)[1], 4),
+        "truncated_svd": (lambda r: linalg.truncated_svd(w, r)[1], 5),
+        "randomized_svd": (lambda r: linalg.randomized_svd(w, r, seed=0)[1], 5),
+        "pissa": (lambda r: inits.pissa(w, r)[1][:, 0], 5),
+        "milora": (lambda r: inits.milora(w, r)[1][:, 0], 5),
+        "olora": (lambda r: inits.olora(w, r)[1][:, 0], 5),
+        "gaussian": (lambda r: inits.gaussian(w, r, seed=0)[1][:, 0], 5),
+        "lora_ga": (lambda r: inits.lora_ga(w, w, r)[1][:, 0], 2),
+        "oracle": (lambda r: inits.oracle(w, w, r, 1.0)[1][:, 0], 5),
+        "eva": (lambda r: inits.eva(w.T @ w, r)[0], 5),
+    }
+
+
+@PROPERTY
+@given(name=st.sampled_from(sorted(_rank_takers())), rank=ANYTHING)
+def test_every_rank_argument_takes_numpy_integers(name, rank):
+    call, maximum = _rank_takers()[name]
+    default = rank is None and name == "svd_of_product"  # None: every triplet
+    valid = default or (_integral(rank) and 1 <= rank <= maximum)
+    result = _expect(lambda: call(rank), name, None if valid else ("rank", rank))
+    if valid:
+        assert tuple(result.shape) == (maximum if default else int(rank),)
+
+
+@PROPERTY
+@given(warmup_steps=ANYTHING)
+def test_linear_warmup_steps(warmup_steps):
+    valid = _integral(warmup_steps) and warmup_steps >= 1
+    schedule = _expect(lambda: keras_hrp.schedules.LinearWarmup(1e-2, warmup_steps), "LinearWarmup",
+                       None if valid else ("warmup_steps", warmup_steps))
+    if valid:
+        assert type(schedule.warmup_steps) is int
+        np.testing.assert_allclose(float(schedule(0)), 1e-2 / int(warmup_steps), rtol=1e-6)

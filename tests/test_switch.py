@@ -11,6 +11,9 @@ import keras_hrp
 from keras_hrp import internals
 from keras_hrp import lora
 from tests.helpers import BACKEND
+from tests.helpers import bert_classifier
+from tests.helpers import REDUCED_POLICIES
+from tests.helpers import dtype_policy
 from tests.helpers import JIT_MODES
 from tests.helpers import hrp_mlp
 from tests.helpers import numpy_of
@@ -279,3 +282,44 @@ def test_switch_option_errors():
     with pytest.raises(ValueError, match="switch_to_main.*warmup_steps=-1"):
         keras_hrp.switch_to_main(model, warmup_steps=-1)
     assert keras_hrp.hrp_layers(model, phase="preheat")  # nothing switched
+
+
+@pytest.mark.parametrize("kind", ["dense", "hub"])
+@pytest.mark.parametrize("policy", REDUCED_POLICIES)
+def test_adapters_stay_float32_and_keep_training_under_reduced_precision(policy, kind):
+    """keras-hub #2629: bfloat16 adapters stopped updating once Adam's second
+    moment underflowed. Every adapter keras-hrp creates is float32, with
+    float32 slots, before and after the switch, and still trains after it."""
+    with dtype_policy(policy):
+        if kind == "hub":
+            pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
+            model, x, y, loss = bert_classifier(dropout=0.0)
+            keras_hrp.enable_hrp(model, rank=2, preheat_rank=6)
+        else:
+            (x, y), model, loss = regression_data(n=64), hrp_mlp(rank=2, preheat_rank=8), "mse"
+    model.compile(keras.optimizers.Adam(1e-3), loss=loss)
+
+    def factors():
+        return [v for layer in keras_hrp.hrp_layers(model) for v in lora.lora_factors(layer)]
+
+    def assert_float32():
+        assert {v.dtype for v in factors()} == {"float32"}, policy
+        slots = [v for v in model.optimizer.variables if "lora_kernel" in v.path]  # Adam's, by name
+        assert slots and {v.dtype for v in slots} == {"float32"}
+
+    def assert_trains(fit):
+        start = [numpy_of(v) for v in factors()]
+        fit()
+        assert_float32()
+        moved = [np.abs(numpy_of(v) - s).max() for v, s in zip(factors(), start)]
+        # Every B updates, and A somewhere (on the toy tasks the query's A
+        # gradient is ~1e-13 after the switch, in float32 too).
+        assert min(moved[1::2]) > 1e-5 and max(moved[0::2]) > 1e-5, moved
+
+    assert {v.dtype for v in factors()} == {"float32"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fit ended after 4 preheat updates"
+        assert_trains(lambda: keras.Model.fit(model, x, y, batch_size=16, epochs=1, verbose=0,
+                                              callbacks=[keras_hrp.HRPCallback(100, verbose=0)]))
+    assert not keras_hrp.switch_to_main(model).fallbacks  # the preheat trained
+    assert_trains(lambda: keras.Model.fit(model, x, y, batch_size=16, epochs=2, verbose=0))

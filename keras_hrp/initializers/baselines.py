@@ -10,18 +10,14 @@ import math
 
 from keras import ops
 
+from keras_hrp import settings
 from keras_hrp.linalg import truncated_svd
 
 
-def _weight(w, rank):
+def _weight(w, rank, owner):
     w = ops.convert_to_tensor(w, dtype="float32")
     m, n = w.shape
-    if not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-        raise ValueError(
-            f"LoRA initializer: `rank` must be in [1, {min(m, n)}] for a weight of "
-            f"shape {(m, n)}. Received: rank={rank}"
-        )
-    return w
+    return w, settings.rank(owner, rank, min(m, n), f"a weight of shape {(m, n)}")
 
 
 def _split_singular(u, s, vt, scale):
@@ -36,7 +32,7 @@ def pissa(w, rank, scale=1.0, svd="auto"):
     Modifies the base weight: it keeps the residual `w - U_r S_r V_r^T`.
     `svd` is `truncated_svd`'s method (randomized for large weights).
     """
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "pissa")
     u, s, v = truncated_svd(w, rank, method=svd)
     a, b = _split_singular(u, s, ops.transpose(v), scale)
     return a, b, w - scale * ops.matmul(a, b)
@@ -47,7 +43,7 @@ def milora(w, rank, scale=1.0):
 
     Modifies the base weight: it keeps the residual.
     """
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "milora")
     u, s, vt = ops.svd(w, full_matrices=False)
     k = s.shape[0]
     a, b = _split_singular(u[:, k - rank :], s[k - rank :], vt[k - rank :], scale)
@@ -59,7 +55,7 @@ def olora(w, rank, scale=1.0):
 
     Modifies the base weight: it keeps `w - Q_r R_r`.
     """
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "olora")
     q, r = ops.qr(w, mode="reduced")
     a, b = q[:, :rank], r[:rank] / scale
     return a, b, w - scale * ops.matmul(a, b)
@@ -69,7 +65,7 @@ def gaussian(w, rank, scale=1.0, stddev=None, seed=None):
     """`A ~ N(0, 1/rank)` (or `stddev`), `B = 0`; the base weight is kept."""
     import keras
 
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "gaussian")
     stddev = 1.0 / math.sqrt(rank) if stddev is None else stddev
     a = keras.random.normal((w.shape[0], rank), stddev=stddev, seed=seed)
     return a, ops.zeros((rank, w.shape[1])), None
@@ -92,7 +88,7 @@ def lora_ga(w, grad, rank, scale=1.0, gamma=16.0, svd="auto"):
         gamma: LoRA-GA's stable-scale constant (larger: smaller factors).
         svd: `truncated_svd`'s method.
     """
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "lora_ga")
     grad = ops.convert_to_tensor(grad, dtype="float32")
     if tuple(grad.shape) != tuple(w.shape) or 2 * rank > min(w.shape):
         raise ValueError(
@@ -114,7 +110,7 @@ def oracle(w, target, rank, norm):
     and length grow. `A` is scaled to Frobenius norm `norm`, `B = 0`; the
     base weight is kept.
     """
-    w = _weight(w, rank)
+    w, rank = _weight(w, rank, "oracle")
     target = ops.convert_to_tensor(target, dtype="float32")
     if tuple(target.shape) != tuple(w.shape):
         raise ValueError(
@@ -136,11 +132,9 @@ def eva(gram, rank):
     """
     gram = ops.convert_to_tensor(gram, dtype="float32")
     k = gram.shape[0]
-    if len(gram.shape) != 2 or gram.shape[1] != k or not isinstance(rank, int) or not 1 <= rank <= k:
-        raise ValueError(
-            f"eva: needs a square Gram matrix and 1 <= rank <= its size. "
-            f"Received: gram.shape={tuple(gram.shape)}, rank={rank}"
-        )
+    if len(gram.shape) != 2 or gram.shape[1] != k:
+        settings.fail("eva", "needs a square Gram matrix", **{"gram.shape": tuple(gram.shape)})
+    rank = settings.rank("eva", rank, k, f"a Gram matrix of size {k}")
     _, vectors = ops.eigh((gram + ops.transpose(gram)) / 2)  # ascending eigenvalues
     top = ops.flip(vectors[:, k - rank :], axis=1)
     peak = ops.take_along_axis(top, ops.expand_dims(ops.argmax(ops.abs(top), axis=0), 0), axis=0)
