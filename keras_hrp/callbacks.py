@@ -60,9 +60,11 @@ class HRPCallback(keras.callbacks.Callback):
             or `"auto"`.
         max_preheat_steps: `"auto"`'s limit (updates). `None`: a tenth of
             the updates the `fit` plans (epochs x steps per epoch), at
-            least `check_every`; 100 when the `fit` does not know its
-            length.
-        check_every: `"auto"`'s updates between two checks.
+            least `check_every` and 2; 100 when the `fit` does not know
+            its length.
+        check_every: `"auto"`'s updates between two checks. `None`: 10,
+            or a fifth of `max_preheat_steps` where that is under 50, so
+            even a short run's preheat gets five checks.
         stable_degrees: `"auto"`'s threshold (degrees, in `(0, 90)`).
         restore_weights: roll back every other weight training changed
             (heads, biases, normalization statistics) at the switch, so the
@@ -101,7 +103,7 @@ class HRPCallback(keras.callbacks.Callback):
         warmup_steps=0,
         verbose=1,
         max_preheat_steps=None,
-        check_every=10,
+        check_every=None,
         stable_degrees=10.0,
     ):
         super().__init__()
@@ -113,11 +115,12 @@ class HRPCallback(keras.callbacks.Callback):
             owner, "preheat_steps", preheat_steps, minimum=1)
         self.max_preheat_steps = settings.integer(
             owner, "max_preheat_steps", max_preheat_steps, minimum=1, optional=True)
-        self.check_every = settings.integer(owner, "check_every", check_every, minimum=1)
+        self.check_every = settings.integer(owner, "check_every", check_every, minimum=1, optional=True)
         self.stable_degrees = settings.positive_number(owner, "stable_degrees", stable_degrees)
         if self.stable_degrees >= 90:
             settings.fail(owner, "`stable_degrees` must be below 90", stable_degrees=stable_degrees)
-        self._next_check = self.check_every
+        self._every = self.check_every or 10
+        self._next_check = self._every
         self.init, self.warmup_steps, self.restore_weights = settings.check_switch_settings(
             owner, init, warmup_steps, restore_weights
         )
@@ -200,8 +203,9 @@ class HRPCallback(keras.callbacks.Callback):
         }
         optimizer = getattr(model, "optimizer", None)
         self._accumulation = getattr(optimizer, "gradient_accumulation_steps", None) or 1
-        self._next_check = (done // self.check_every + 1) * self.check_every
         self._limit = self.max_preheat_steps or self._planned_limit()
+        self._every = self.check_every or min(10, max(1, self._limit // 5))
+        self._next_check = (done // self._every + 1) * self._every
         self._done = done
         self._unchecked = 0
         self._active = True
@@ -226,7 +230,7 @@ class HRPCallback(keras.callbacks.Callback):
             return
         reason = self._reason(model)
         if reason is None:
-            self._next_check = self._done + self.check_every
+            self._next_check = self._done + self._every
             return
         self.report = switch_to_main(
             model, run.snapshot, init=self.init, warmup_steps=self.warmup_steps
@@ -253,25 +257,33 @@ class HRPCallback(keras.callbacks.Callback):
                                   stacklevel=2)
 
     def _planned_limit(self):
-        """A tenth of the updates this `fit` plans, at least `check_every`."""
+        """A tenth of the updates this `fit` plans (at least `check_every`
+        and 2); 100 when the `fit` does not know its length."""
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         if not epochs or not steps:
             return 100
-        return max(self.check_every, epochs * steps // self._accumulation // 10)
+        return max(self.check_every or 2, 2, epochs * steps // self._accumulation // 10)
 
     def _reason(self, model):
         """Why the preheat ends now, or `None` while `"auto"` goes on."""
         if not self.auto:
             return f"preheat_steps={self.preheat_steps}"
-        if self._done >= self._limit:
-            return f"max_preheat_steps={self._limit} reached before the subspaces were stable"
         tracker = run_state(model).tracker
-        if not tracker.check(model, self._done, self.stable_degrees):
+        if self._done >= self._next_check and tracker.check(model, self._done, self.stable_degrees):
+            previous, last = tracker.checks[-2:]
+            return (f"stable: no top subspace moved {self.stable_degrees:g} degrees or more between "
+                    f"updates {previous.step} and {last.step} (largest {last.angle:.1f})")
+        if self._done < self._limit:
             return None
-        previous, last = tracker.checks[-2:]
-        return (f"stable: no top subspace moved {self.stable_degrees:g} degrees or more between "
-                f"updates {previous.step} and {last.step} (largest {last.angle:.1f})")
+        angles = [check.angle for check in tracker.checks if check.angle is not None]
+        if not angles:
+            return (f"max_preheat_steps={self._limit} reached after {len(tracker.checks)} check(s), "
+                    "too few to compare (stability needs two checks with directions); "
+                    "pass a smaller check_every or a larger max_preheat_steps")
+        return (f"max_preheat_steps={self._limit} reached before the subspaces were stable "
+                f"(largest angle at the last comparison {angles[-1]:.1f} degrees, threshold "
+                f"{self.stable_degrees:g})")
 
     def _reset_monitors(self):
         """Preheat epochs are not comparable with main ones: forget them."""

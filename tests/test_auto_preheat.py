@@ -91,3 +91,19 @@ def test_auto_preheat_limit_defaults_to_a_tenth_of_the_fit():
     assert hrp.switch_step == 8
     assert hrp.report.reason.startswith("max_preheat_steps=8 reached")
     assert [check.step for check in hrp.report.checks] == [3, 6]
+
+
+def test_short_runs_get_checks_by_default():
+    model, hrp, _ = _fit(epochs=5, stable_degrees=1e-6)  # 40 updates: the cap is 4, a check each update
+    assert hrp.switch_step == 4
+    assert [check.step for check in hrp.report.checks] == [1, 2, 3, 4]
+    assert all(check.angle is not None for check in hrp.report.checks[1:])
+    assert hrp.report.reason.startswith("max_preheat_steps=4 reached before the subspaces were stable")
+    assert f"{hrp.report.checks[-1].angle:.1f} degrees" in hrp.report.reason
+
+
+def test_a_cap_before_two_checks_says_so():
+    model, hrp, _ = _fit(check_every=5, max_preheat_steps=6)
+    assert [check.step for check in hrp.report.checks] == [5]
+    assert "after 1 check(s), too few to compare" in hrp.report.reason
+    assert "check_every" in hrp.report.reason
