@@ -9,7 +9,10 @@ adapter, and the adapter's update of the logits and last hidden states
 (with it minus without it) is compared on real sentences. Prints the
 largest absolute differences and appends them to `results/peft_export.md`.
 
-    KERAS_BACKEND=jax python benchmarks/check_peft_export.py [--factorization full]
+With `--export backbone` the backbone alone is exported and attached to the
+bare `AutoModel` (the sentence-embedding use); only hidden states compare.
+
+    KERAS_BACKEND=jax python benchmarks/check_peft_export.py [--factorization full] [--export backbone]
 """
 
 import argparse
@@ -64,8 +67,9 @@ def keras_side(args, adapter_dir):
     pretrained = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
     pretrained.get_layer("logits").set_weights(head.get_weights())  # the base model with the same head
     outputs["base"] = _outputs(pretrained, x)
-    config = keras_hrp.export_peft(task, adapter_dir, base_model_name_or_path=preset,
-                                   base_model=pretrained if args.base_model else None)
+    exported, base = (task, pretrained) if args.export == "classifier" else (task.backbone, pretrained.backbone)
+    config = keras_hrp.export_peft(exported, adapter_dir, base_model_name_or_path=preset,
+                                   base_model=base if args.base_model else None)
     inputs = {"input_ids": x["token_ids"].tolist(), "attention_mask": x["padding_mask"].astype("int64").tolist(),
               "token_type_ids": x["segment_ids"].tolist()}
     return preset, inputs, outputs, config
@@ -84,6 +88,9 @@ def main(argv=None):
                         help="a residual init exports against the pretrained weights")
     parser.add_argument("--base-model", action="store_true",
                         help="export with base_model= (the pretrained model) instead of the init's record")
+    parser.add_argument("--export", choices=("classifier", "backbone"), default="classifier",
+                        help="export the TextClassifier (PEFT attaches to AutoModelForSequenceClassification) "
+                             "or its backbone (to the bare AutoModel: the sentence-embedding use)")
     parser.add_argument("--venv", default=os.path.join(HERE, ".venv-peft"))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "peft_export.md"))
     args = parser.parse_args(argv)
@@ -93,10 +100,11 @@ def main(argv=None):
         preset, inputs, ours, config = keras_side(args, adapter)
         theirs = bench_peft.run_worker(python, {
             "model_dir": preset, "adapter": adapter, "inputs": inputs, "num_labels": 2, "threads": 1,
-            "config": {"hidden_act": "gelu_new"}})  # KerasHub's BERT: tanh GELU
+            "model_class": args.export, "config": {"hidden_act": "gelu_new"}})  # KerasHub's BERT: tanh GELU
     valid = np.asarray(inputs["attention_mask"], bool)  # padded positions differ by design
-    gaps = {}
-    for name, where in (("logits", Ellipsis), ("hidden", valid)):
+    gaps = {f"logits{part}": float("nan") for part in ("", " base", " update", " adapted")}
+    compared = (("logits", Ellipsis), ("hidden", valid)) if args.export == "classifier" else (("hidden", valid),)
+    for name, where in compared:
         theirs_delta = np.asarray(theirs["adapted"][name]) - np.asarray(theirs["base"][name])
         ours_delta = ours["adapted"][name] - ours["base"][name]
         gaps[name] = float(np.abs(theirs_delta - ours_delta)[where].max())
@@ -105,15 +113,24 @@ def main(argv=None):
         gaps[f"{name} adapted"] = float(np.abs(np.asarray(theirs["adapted"][name]) - ours["adapted"][name])[where].max())
     ranks = sorted({config["r"], *config["rank_pattern"].values()})
     init = args.init + (", base_model=" if args.base_model else "")
+    if args.export == "backbone":
+        init += f"; backbone -> AutoModel ({config['task_type']})"
     line = (f"| {keras.backend.backend()} | {args.factorization} | {init} | {len(config['target_modules'])} | "
             f"{', '.join(map(str, ranks))} | {gaps['logits adapted']:.1e} / {gaps['hidden adapted']:.1e} | "
             f"{gaps['logits update']:.3f} / {gaps['hidden update']:.3f} | {gaps['logits']:.1e} / "
             f"{gaps['hidden']:.1e} | {gaps['logits base']:.1e} / {gaps['hidden base']:.1e} |")
     print(line)
     bench_peft.append_rows(args.out, "# export_peft against transformers + PEFT\n\n"
-                           "`KERAS_BACKEND=<backend> python benchmarks/check_peft_export.py --factorization <f>`: "
+                           "`KERAS_BACKEND=<backend> python benchmarks/check_peft_export.py --factorization <f> "
+                           "[--init pissa [--base-model]] [--export backbone]`: "
                            "all-MiniLM-L6-v2 with keras-hrp LoRA on every linear layer of every block "
-                           "(auto ranks), random factors and head, float32, 4 real sentences; the largest "
+                           "(auto ranks), random factors and head (init `hrp`; with `--init pissa` / `olora` "
+                           "the init moves part of each frozen weight into the adapter, then random noise on "
+                           "the factors stands for training, and the export folds the moved part back — from "
+                           "the init's record, or with `--base-model` by comparing with the pretrained model). "
+                           "The TextClassifier's export attaches to `AutoModelForSequenceClassification` "
+                           "(`task_type` SEQ_CLS); with `--export backbone` the BertBackbone's attaches to the "
+                           "bare `AutoModel` (FEATURE_EXTRACTION; no logits: nan). Float32, 4 real sentences; the largest "
                            "|transformers + PEFT − Keras| of the logits / last hidden states (unpadded tokens) "
                            "with the adapter; the adapter's update (output with it minus without it; PEFT: "
                            "`disable_adapter`, the exported head in both) and the largest difference of the two "
@@ -123,7 +140,8 @@ def main(argv=None):
                            "| backend | factorization | init | adapted modules | PEFT ranks | PEFT − Keras, adapted "
                            "(logits / hidden) | update | update, PEFT − Keras | base models apart |\n"
                            "|---|---|---|---|---|---|---|---|---|\n", [line])
-    return 0 if max(gaps["logits adapted"], gaps["hidden adapted"]) <= 1e-4 else 1
+    worst = max(gap for name, gap in gaps.items() if name.endswith("adapted") and not np.isnan(gap))
+    return 0 if worst <= 1e-4 else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Imports torch, transformers and peft only (no Keras). Reads a job file
 (model directory, the split texts and labels, the runs to do) and prints one
 JSON line per finished run; a job with `"speed"` times PEFT LoRA training
 steps instead, one with `"adapter"` prints the outputs of the base model
-with that PEFT adapter directory attached, and one with `"train_adapter"`
+with that PEFT adapter directory attached (a classifier, or the bare model
+for a backbone's adapter), and one with `"train_adapter"`
 trains a PEFT LoRA adapter a few steps, saves it and prints its outputs; one
 with `"decoder"` does either for a small random transformers decoder (which
 it first creates and saves, for KerasHub to load).
@@ -151,23 +152,30 @@ def with_and_without(model, x):
         adapted = model(**x, output_hidden_states=True)
         with model.disable_adapter():
             base = model(**x, output_hidden_states=True)
-    return {name: {"logits": out.logits.tolist(), "hidden": out.hidden_states[-1].tolist()}
+    return {name: {"logits": out.logits.tolist() if "logits" in out else None,
+                   "hidden": out.hidden_states[-1].tolist()}
             for name, out in (("adapted", adapted), ("base", base))}
 
 
 def adapter_outputs(job):
     """Logits and last hidden states of the base model with a PEFT adapter
-    directory attached (`PeftModel.from_pretrained`) and with it disabled
-    (the adapter's head copied into the base first, so both share it)."""
+    directory attached (`PeftModel.from_pretrained`) and with it disabled.
+    The base is `AutoModelForSequenceClassification` (the adapter's head
+    copied into it first, so both share it), or the bare `AutoModel` where
+    `job["model_class"]` is `"backbone"` (no logits then)."""
     from peft import PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoModel
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        job["model_dir"], num_labels=job["num_labels"], **job.get("config", {}))
-    saved = load_file(f"{job['adapter']}/adapter_model.safetensors")
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            getattr(model.classifier, name).copy_(saved[f"base_model.model.classifier.{name}"])
+    if job.get("model_class") == "backbone":
+        model = AutoModel.from_pretrained(job["model_dir"], **job.get("config", {}))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            job["model_dir"], num_labels=job["num_labels"], **job.get("config", {}))
+        saved = load_file(f"{job['adapter']}/adapter_model.safetensors")
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(model.classifier, name).copy_(saved[f"base_model.model.classifier.{name}"])
     model = PeftModel.from_pretrained(model, job["adapter"])
     return with_and_without(model, _tensors(job["inputs"]))
 

@@ -242,24 +242,10 @@ def load_adapters(model, path):
             + "\n  ".join(problems),
             path=path,
         )
-    refrozen = _set_trainable(model, header.get("trainable"), resolve)
+    refrozen = paths.set_trainable(model, header.get("trainable"), resolve)
     for variable, value in targets:
         variable.assign(value)
     apply_plan(model, plan, retrain=refrozen)
-
-
-def _set_trainable(model, saved, resolve):
-    """The file's trainable flags, parents first (a frozen backbone, then
-    the layers trained inside it); whether any changed."""
-    if not saved:
-        return False
-    flags = {resolve(path): flag for path, flag in saved.items()}
-    changed = False
-    for layer in internals.all_layers(model):
-        if layer.path in flags and layer.trainable != flags[layer.path]:
-            layer.trainable = flags[layer.path]
-            changed = True
-    return changed
 
 
 def apply_plan(model, plan, retrain=False):

@@ -6,7 +6,14 @@ adapter. keras-hrp leaves Keras' files as Keras writes them (a stock Keras
 or KerasHub model still loads them) and keeps what exact resume needs in
 its own state file beside them, `<path>.hrp.npz`: each HRP layer's state
 and factors, a checksum of the merged kernel Keras wrote, the roll-back
-snapshot and, beside a `.keras` file, the frozen weights themselves.
+snapshot, a fingerprint of the Keras file it belongs with and, beside a
+`.keras` file, the frozen weights themselves.
+
+A save writes Keras' file to a temporary name first, then moves the old
+state file aside (`<path>.hrp.npz.prev`), writes the new one and renames
+the Keras file into place: a process killed at any point leaves a pair
+that loads (the load takes the state file whose fingerprint matches), and
+the next save in that folder removes the temporaries it left.
 
 `attach(model)` makes `model.save_weights`, `model.save` and
 `model.load_weights` (what `BackupAndRestore` and `ModelCheckpoint` call)
@@ -19,6 +26,7 @@ the preheat's progress and the roll-back snapshot.
 
 import json
 import os
+import secrets
 import warnings
 import zlib
 
@@ -43,16 +51,24 @@ from keras_hrp.switch import learning_rate_config
 from keras_hrp.switch import rebuild_training_state
 
 SUFFIX = ".hrp.npz"
+PREVIOUS = ".prev"  # the last save's state file while a save replaces the pair
 KIND = "checkpoint"
 VERSION = 1
 
 # id(layer) -> its entry, while a load with a state file runs.
 _LOADING = {}
+# One list per `load_weights` without a state file that runs: the paths of
+# the HRP layers whose frozen weight the load changed.
+_STOCK_LOADS = []
 
 
 def state_path(filepath):
     """Where keras-hrp keeps its state beside a Keras file."""
     return os.fspath(filepath) + SUFFIX
+
+
+def _previous_path(filepath):
+    return state_path(filepath) + PREVIOUS
 
 
 def attach(model):
@@ -86,8 +102,9 @@ def guard(layer):
         def load_own_variables(store):
             entry = _LOADING.get(id(layer))
             if entry is None:
+                before = _base_checksum(layer)
                 original(store)
-                _after_stock_load(layer)
+                _after_stock_load(layer, before)
                 return
             kept = [(v, ops.convert_to_numpy(v)) for v in lora.frozen_variables(layer)]
             original(store)
@@ -98,20 +115,38 @@ def guard(layer):
     internals.wrap_method(layer, "load_own_variables", wrapper)
 
 
-def _after_stock_load(layer):
-    if not getattr(layer, "lora_enabled", False):
+def _base_checksum(layer):
+    if layer_state(layer) is None:
+        return None
+    return _checksum(ops.convert_to_numpy(internals.base_weight(layer)))
+
+
+def _after_stock_load(layer, before):
+    """After Keras loaded `layer` from a file without a state file: `A`
+    re-drawn so the adapter trains, and a warning where the frozen weight
+    changed (the file's merged kernel may hold an adapter's delta)."""
+    if getattr(layer, "lora_enabled", False):
+        lora.revive(layer)
+    if before is None or _base_checksum(layer) == before:
         return
-    lora.revive(layer)
-    state = layer_state(layer)
-    if state is not None and (state.phase == "main" or state.preheat_updates > 0):
-        warnings.warn(
-            f"Layer '{layer.path}' (HRP, phase '{state.phase}') was loaded from a file "
-            "without keras-hrp's state file: Keras stores a LoRA layer's kernel merged "
-            "with its adapter, so the frozen weight now includes that adapter's delta. "
-            "Save and load through the model given to enable_hrp / HRPCallback "
-            f"(they write '<path>{SUFFIX}' beside the file) to keep it apart.",
-            stacklevel=4,
-        )
+    if _STOCK_LOADS:
+        _STOCK_LOADS[-1].append(layer.path)  # one warning for the model's load
+    else:
+        warnings.warn(_stock_load_message(f"Layer '{layer.path}' (HRP)", [layer.path], "its file"),
+                      stacklevel=4)
+
+
+def _stock_load_message(what, changed, source):
+    shown = ", ".join(f"'{path}'" for path in changed[:4]) + (", ..." if len(changed) > 4 else "")
+    return (
+        f"{what} was loaded from {source} without keras-hrp's state file, and the load "
+        f"changed the frozen weights of {len(changed)} HRP layer(s) ({shown}). Keras stores a "
+        "LoRA layer's kernel merged with its adapter: if the file was saved from a LoRA or "
+        "HRP model, the frozen weights now include that adapter's delta and the adapters "
+        "start again (A random, B = 0). Keep the state file it was saved with "
+        f"('<path>{SUFFIX}', written by saves through the model given to enable_hrp / "
+        "HRPCallback) beside the file; if it holds other pretrained weights, nothing is lost."
+    )
 
 
 def _merged(layer):
@@ -178,24 +213,83 @@ def _filepath(args, kwargs):
 def _saving(model, with_base):
     def make(original):
         def save(*args, **kwargs):
-            result = original(*args, **kwargs)
-            write_state(model, _filepath(args, kwargs), with_base=with_base)
-            return result
+            filepath = os.fspath(_filepath(args, kwargs))
+            if not hrp_layers(model) or not _through_temporary(args, kwargs, filepath):
+                result = original(*args, **kwargs)
+                write_state(model, filepath, with_base=with_base)
+                return result
+            return _save_pair(model, original, args, kwargs, filepath, with_base)
 
         return save
 
     return make
 
 
+def _through_temporary(args, kwargs, filepath):
+    """Whether the save can go through a temporary file: a local file that
+    may be overwritten (Keras asks before overwriting without `overwrite`;
+    `zipped=False` writes a folder)."""
+    overwrite = kwargs.get("overwrite", args[1] if len(args) > 1 else True)
+    return ("://" not in filepath and kwargs.get("zipped", True) is not False
+            and (overwrite or not os.path.exists(filepath)))
+
+
+def _save_pair(model, original, args, kwargs, filepath, with_base):
+    """Keras' file and the state file, replaced so a kill keeps a pair that loads."""
+    folder = os.path.dirname(os.path.abspath(filepath))
+    os.makedirs(folder, exist_ok=True)
+    files.remove_strays(folder)
+    name = f"{files.temporary_prefix()}{secrets.token_hex(4)}_{os.path.basename(filepath)}"
+    temporary = os.path.join(folder, name)  # same suffix: Keras picks the format by it
+    sidecar, previous = state_path(filepath), _previous_path(filepath)
+    try:
+        if "filepath" in kwargs:
+            result = original(*args, **{**kwargs, "filepath": temporary})
+        else:
+            result = original(temporary, *args[1:], **kwargs)
+        header, arrays = _state(model, with_base, files.fingerprint(temporary))
+        if _belongs(sidecar, filepath):
+            os.replace(sidecar, previous)  # on disk: the old Keras file and its state
+        files.write(sidecar, KIND, VERSION, header, arrays)
+        os.replace(temporary, filepath)  # on disk: the new pair
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    if os.path.exists(previous):
+        os.remove(previous)
+    return result
+
+
+def _belongs(state_file, filepath):
+    """Whether `state_file` exists and was written with the Keras file at
+    `filepath` (or before fingerprints, with whatever is there)."""
+    if not os.path.exists(state_file) or not os.path.exists(filepath):
+        return False
+    header = files.read_header(state_file)
+    if header is None:
+        return False
+    saved = header.get("keras_file")
+    return saved is None or not os.path.isfile(filepath) or files.matches(saved, filepath)
+
+
 def _loading(model):
     def make(original):
         def load_weights(*args, **kwargs):
-            filepath = _filepath(args, kwargs)
-            sidecar = state_path(filepath)
-            if not os.path.exists(sidecar):
-                return original(*args, **kwargs)
+            filepath = os.fspath(_filepath(args, kwargs))
             owner = f"load_weights of model '{model.name}'"
-            header, arrays = files.read(sidecar, KIND, (VERSION,), owner)
+            found = _state_file(filepath, owner)
+            if found is None:
+                changed = []
+                _STOCK_LOADS.append(changed)
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    _STOCK_LOADS.remove(changed)
+                if changed:
+                    warnings.warn(_stock_load_message(f"Model '{model.name}'", changed, f"'{filepath}'"),
+                                  stacklevel=2)
+                return result
+            sidecar, header, arrays = found
             resolve = paths.Resolver(model, header.get("positions"))
             entries = _entries(model, header, arrays, sidecar, owner, resolve)
             _prepare(model, header, entries, resolve)
@@ -213,22 +307,59 @@ def _loading(model):
     return make
 
 
+def _state_file(filepath, owner):
+    """`(path, header, arrays)` of the state file written with the Keras
+    file at `filepath` (the current one, or the previous one a killed save
+    left), `None` where there is none, or an error where neither fits."""
+    candidates = [path for path in (state_path(filepath), _previous_path(filepath)) if os.path.exists(path)]
+    if not candidates:
+        return None
+    if not os.path.exists(filepath):
+        return None  # Keras says the file is missing
+    for path in candidates:
+        if len(candidates) == 1 or _belongs(path, filepath):
+            header, arrays = files.read(path, KIND, (VERSION,), owner)
+            saved = header.get("keras_file")
+            if saved is None or not os.path.isfile(filepath) or files.matches(saved, filepath):
+                return path, header, arrays
+    settings.fail(
+        owner,
+        f"the state file '{candidates[0]}' was not written with '{filepath}' (the Keras file "
+        "changed since: `keras.saving.save_model` and the saves of a model keras-hrp does not "
+        "attach write the Keras file alone). Save again through the model given to enable_hrp "
+        "/ HRPCallback, or remove the state file to load the Keras file as stock Keras does "
+        "(a LoRA layer's adapter then folds into its frozen weight)",
+        path=filepath,
+    )
+
+
 def write_state(model, filepath, with_base=False):
     """Writes keras-hrp's state for `model` beside the Keras file `filepath`.
 
     Args:
         model: the model just saved.
-        filepath: the Keras file (`.weights.h5`, `.keras`, ...).
+        filepath: the Keras file (`.weights.h5`, `.keras`, ...), already
+            written: the state file records its fingerprint.
         with_base: also store the frozen weights under the adapters, so
             `keras_hrp.load_model` restores them exactly without the
             pretrained model (used beside `.keras` files).
     """
     sidecar = state_path(filepath)
-    layers = hrp_layers(model)
-    if not layers:
-        if os.path.exists(sidecar):
-            os.remove(sidecar)  # a stale state must not meet a new file
+    if not hrp_layers(model):
+        for stale in (sidecar, _previous_path(filepath)):
+            if os.path.exists(stale):
+                os.remove(stale)  # a stale state must not meet a new file
         return
+    header, arrays = _state(model, with_base, files.fingerprint(filepath))
+    files.write(sidecar, KIND, VERSION, header, arrays)
+    if os.path.exists(_previous_path(filepath)):
+        os.remove(_previous_path(filepath))
+
+
+def _state(model, with_base, keras_file):
+    """`(header, arrays)` of `model`'s state file; `keras_file` is the
+    fingerprint of the Keras file it goes with."""
+    layers = hrp_layers(model)
     run = run_state(model)
     run.count_updates(model)
     arrays, entries = {}, []
@@ -270,8 +401,9 @@ def write_state(model, filepath, with_base=False):
             else learning_rate_config(model.optimizer)
         ),
         "trainable": trainable,
+        "keras_file": keras_file,
     }
-    files.write(sidecar, KIND, VERSION, header, arrays)
+    return header, arrays
 
 
 def _merges_on_save(layer):
@@ -331,10 +463,7 @@ def _prepare(model, header, entries, resolve):
     optimizer for them, before Keras loads the file."""
     fresh = [entry for entry in entries if not entry["layer"].lora_enabled]
     if fresh:  # a model not set up for HRP: freeze as it was saved, first
-        trainable = {resolve(path): flag for path, flag in header["trainable"].items()}
-        for layer in internals.all_layers(model):
-            if layer.path in trainable:
-                layer.trainable = trainable[layer.path]
+        paths.set_trainable(model, header["trainable"], resolve)
     changed = bool(fresh)
     with internals.distribution_scope(model):
         for entry in entries:
@@ -444,7 +573,7 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     model = keras.saving.load_model(
         filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
     )
-    if os.path.exists(state_path(filepath)):
+    if any(os.path.exists(path) for path in (state_path(filepath), _previous_path(filepath))):
         attach(model)
         model.load_weights(filepath)
     return model

@@ -96,3 +96,17 @@ class Resolver:
             return f"the model has no layer or variable at this path, nor at its position '{position}'"
         return (f"at its position '{position}' the model has '{self._by_position[position]}', "
                 "another layer")
+
+
+def set_trainable(model, saved, resolve):
+    """Gives `model`'s layers the trainable flags a file saved (`{path:
+    flag}`, parents first: a frozen backbone, then the layers trained
+    inside it); `resolve` maps the file's paths to the model's. Returns
+    whether any flag changed."""
+    flags = {resolve(path): flag for path, flag in (saved or {}).items()}
+    changed = False
+    for layer in internals.all_layers(model):
+        if layer.path in flags and layer.trainable != flags[layer.path]:
+            layer.trainable = flags[layer.path]
+            changed = True
+    return changed

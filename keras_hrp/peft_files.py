@@ -7,6 +7,8 @@ import tempfile
 
 import numpy as np
 
+from keras_hrp import files
+
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix of every tensor name
@@ -52,7 +54,7 @@ def read_safetensors(path):
 
 def write_atomic(path, data):
     """Writes `data` (bytes) to `path` through a temporary file in its folder."""
-    handle, temporary = tempfile.mkstemp(prefix=".keras_hrp_", dir=os.path.dirname(path))
+    handle, temporary = tempfile.mkstemp(prefix=files.temporary_prefix(), dir=os.path.dirname(path))
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)

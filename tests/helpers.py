@@ -40,6 +40,24 @@ def hrp_mlp(rank=4, preheat_rank=12, variant="classic", lora_alpha=None, d_in=32
     return keras.Model(inputs, outputs, name="hrp_mlp")
 
 
+def stock_mlp_with_hrp(seed=0):
+    """Dense -> Dense -> head under `enable_hrp` (Keras saves the adapted
+    kernels merged), compiled, with its data `(model, x, y)`."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((16,)),
+        keras.layers.Dense(16, activation="relu", name="dense_in"),
+        keras.layers.Dense(16, activation="relu", name="dense_mid"),
+        keras.layers.Dense(4, name="head"),
+    ])
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=8, target_layer_names=["dense_in", "dense_mid"])
+    model.get_layer("head").trainable = True
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(32, 16)).astype("float32")
+    return model, x, (x[:, :4] * 2.0).astype("float32")
+
+
 # Reduced-precision policies a GPU run uses, where this backend runs them on
 # the CPU (XLA's CPU dot has no float16 inputs with float32 accumulation).
 F16_ON_CPU = BACKEND != "jax"

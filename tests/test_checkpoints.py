@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -16,6 +17,7 @@ from tests import resume_worker
 from tests.helpers import BACKEND
 from tests.helpers import F16_ON_CPU
 from tests.helpers import numpy_of
+from tests.helpers import stock_mlp_with_hrp
 from tests.helpers import weights_by_path
 
 pytest.importorskip("keras_hub", reason="needs the [hub] extra (keras-hub)")
@@ -227,7 +229,8 @@ def test_stale_state_file_is_refused(saved, tmp_path):
     _copy(saved["files"]["later.weights.h5"], path)
     _copy(saved["files"]["m.weights.h5"] + ".hrp.npz", path + ".hrp.npz")  # from the earlier save
     model = _set_up(saved)
-    with pytest.raises(ValueError, match="load_weights of model .*another save than the Keras file"):
+    with pytest.raises(ValueError, match="load_weights of model .*'.*m.weights.h5.hrp.npz' was not written "
+                                         "with '.*m.weights.h5'.*keras.saving.save_model"):
         model.load_weights(path)
     for path_, value in _frozen_of(model).items():  # the frozen base survives the refused load
         np.testing.assert_array_equal(value, saved["frozen"][path_])
@@ -283,7 +286,7 @@ def test_auto_preheat_resumes_its_checks_in_a_new_process(tmp_path):
     auto = {"check_every": 2, "max_preheat_steps": 12, "stable_degrees": 1e-6}  # never stable: every check
     common = {"kind": "dense", "base": base, "preheat": "auto", "auto": auto}
     reference = resume_worker.run(common)
-    assert reference["switch_step"] == 12 and [c[0] for c in reference["checks"]] == [2, 4, 6, 8, 10]
+    assert reference["switch_step"] == 12 and [c[0] for c in reference["checks"]] == [2, 4, 6, 8, 10, 12]
     assert reference["checks"][0][1] is None and all(c[1] is not None for c in reference["checks"][1:])
     spec = {**common, "order": "backup_first", "backup_dir": os.path.join(tmp_path, "backup"),
             "out": os.path.join(tmp_path, "auto.npz")}
@@ -361,3 +364,87 @@ def test_sequential_checkpoints_load_despite_auto_names(stop, tmp_path):
         assert int(numpy_of(copy.optimizer.iterations)) == int(numpy_of(model.optimizer.iterations))
     if stop == "preheat":  # the roll back of the twin returns to the original's start
         assert len(keras_hrp.state.run_state(twin).snapshot) == len(keras_hrp.state.run_state(model).snapshot)
+
+
+def test_state_file_left_beside_a_stock_save_is_named(saved, tmp_path):
+    path = os.path.join(tmp_path, "m.keras")
+    _copy(saved["files"]["m.keras"], path)
+    _copy(saved["files"]["m.keras"] + ".hrp.npz", path + ".hrp.npz")
+    stock = keras.saving.load_model(path)
+    keras.saving.save_model(stock, path)  # the function form writes the Keras file alone
+    with pytest.raises(ValueError, match="'.*m.keras.hrp.npz' was not written with '.*m.keras'.*remove the state file"):
+        keras_hrp.load_model(path)
+    os.remove(path + ".hrp.npz")
+    assert not keras_hrp.hrp_layers(keras_hrp.load_model(path))  # the Keras file alone loads
+
+
+def test_weights_without_their_state_file_warn_when_the_frozen_weights_change(saved, tmp_path):
+    path = os.path.join(tmp_path, "m.weights.h5")
+    _copy(saved["files"]["m.weights.h5"], path)  # trained adapters, merged by Keras; no state file
+    model = _set_up(saved)  # freshly set up: preheat, no update yet
+    with pytest.warns(UserWarning) as caught:
+        model.load_weights(path)
+    messages = [str(w.message) for w in caught if "state file" in str(w.message)]
+    assert len(messages) == 1, messages  # one warning for the model, not one per layer
+    assert f"changed the frozen weights of {len(saved['paths'])} HRP layer(s)" in messages[0]
+    assert f"'{path}'" in messages[0] and "now include that adapter's delta" in messages[0]
+    fresh = _set_up(saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_weights(saved["base"])  # the pretrained weights again: nothing changes
+    assert not [w for w in caught if "state file" in str(w.message)]
+
+
+_KILLED_SAVE = """
+import os, sys
+import numpy as np
+from tests.helpers import stock_mlp_with_hrp
+import keras_hrp
+
+folder, kill_at = sys.argv[1], int(sys.argv[2])
+model, x, y = stock_mlp_with_hrp()
+hrp = keras_hrp.HRPCallback(3, verbose=0)
+path = os.path.join(folder, "m.weights.h5")
+model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[hrp])
+model.save_weights(path)
+np.save(os.path.join(folder, "old.npy"), model.predict(x, verbose=0))
+model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[hrp])
+np.save(os.path.join(folder, "new.npy"), model.predict(x, verbose=0))
+calls, replace = [0], os.replace
+
+def killed_replace(source, target):  # the process dies as `kill -9` would stop it
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os._exit(9)
+    replace(source, target)
+    if kill_at == 4 and calls[0] == 3:
+        os._exit(9)
+
+os.replace = killed_replace
+model.save_weights(path)
+print("renames", calls[0])
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 4])
+def test_a_save_killed_midway_leaves_a_pair_that_loads(kill_at, tmp_path):
+    """Killed before the new state file is in place (2), before the Keras
+    file is (3), or before the old state file is removed (4)."""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(kill_at)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 9, done.stdout + done.stderr[-3000:]
+    strays = [name for name in os.listdir(tmp_path) if name.startswith(".keras_hrp_")]
+    assert strays or kill_at == 4
+    model, x, _ = stock_mlp_with_hrp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(str(tmp_path / "m.weights.h5"))
+    assert not [w for w in caught if "state file" in str(w.message)]
+    expected = np.load(tmp_path / ("new.npy" if kill_at == 4 else "old.npy"))
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    model.save_weights(str(tmp_path / "next.weights.h5"))  # a later save in the folder cleans up
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".keras_hrp_")]
+    left = {"m.weights.h5", "m.weights.h5.hrp.npz.prev", "next.weights.h5", "next.weights.h5.hrp.npz",
+            "old.npy", "new.npy"} | ({"m.weights.h5.hrp.npz"} if kill_at != 2 else set())
+    assert sorted(os.listdir(tmp_path)) == sorted(left)

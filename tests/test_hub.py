@@ -151,7 +151,7 @@ def test_load_weights_without_state_file_merges_and_says_so(tmp_path):
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)
     os.remove(path + ".hrp.npz")
-    with pytest.warns(UserWarning, match="'ffn' .*without keras-hrp's state file.*now includes"):
+    with pytest.warns(UserWarning, match="without keras-hrp's state file, and the load changed the frozen weights of .*now include"):
         model.load_weights(path)
     np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
     for layer in keras_hrp.hrp_layers(model):
