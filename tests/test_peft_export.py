@@ -116,3 +116,15 @@ def test_names_follow_what_is_exported_and_import_takes_both(exported, tmp_path)
 
     np.testing.assert_allclose(outputs(target), outputs(model), rtol=1e-4, atol=1e-5)
     assert len(keras_hrp.adapters.lora_layers(target)) == len(keras_hrp.hrp_layers(task))
+
+
+def test_a_preheating_model_is_refused_unless_asked(tmp_path):
+    task, *_ = bert_classifier(dropout=0.0)
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, target_layer_names=["query", "value"])
+    with pytest.raises(ValueError, match=r"export_peft.*4 HRP layers .* preheat phase \(rank 6.*"
+                                         r"allow_preheating=True.*Received: allow_preheating=False"):
+        keras_hrp.export_peft(task, tmp_path / "refused")
+    assert not os.path.exists(tmp_path / "refused")  # nothing written
+    with pytest.warns(UserWarning, match="preheat phase.*exporting the preheat's adapter as asked"):
+        config = keras_hrp.export_peft(task, tmp_path / "asked", allow_preheating=True)
+    assert config["r"] == 2 * 6  # per head: 2 heads of the preheat rank 6
