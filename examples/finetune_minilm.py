@@ -84,21 +84,6 @@ def prepare(args):
     return preset, tuple(encode(preprocessor, texts, labels, part) for part in (train, test))
 
 
-def plot(results, path):
-    import numpy as np
-
-    fig, ax = plots.figure(7, 4)
-    for result in results:
-        losses = np.asarray(result["curve"])
-        window = max(1, len(losses) // 20)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(len(smooth)) + window, smooth, label=result["method"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"training loss (moving mean of {window})")
-    ax.legend()
-    plots.save(fig, path, dpi=120)
-
-
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", help="KerasHub preset name or local directory "
@@ -136,7 +121,7 @@ def main(argv=None):
     results = [run(method, args, preset, data) for method in ("random", "hrp")]
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "finetune_minilm_loss.png")
-    plot(results, png)
+    plots.loss_curves({r["method"]: r["curve"] for r in results}, png)
     (_, y_train), (_, y_test) = data
     print(f"\nbackend {keras.backend.backend()}; {len(y_train)} training / {len(y_test)} test "
           f"examples; rank {args.rank}, {args.steps} steps each (HRP: {args.preheat_steps} "

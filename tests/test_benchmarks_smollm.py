@@ -120,6 +120,8 @@ except smollm.SetupError:
 
 
 @pytest.mark.skipif(REAL is None, reason=f"the decoder ({smollm.PACKAGE}) is not installed")
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND") == "jax",
+                    reason="on JAX the decoder recipe's real run loads, scores and generates (test_examples)")
 def test_the_real_model_predicts_english_and_answers(tmp_path_factory):
     cache = os.environ.get("KERAS_HRP_CACHE", str(tmp_path_factory.mktemp("smollm")))
     lm = smollm.causal_lm(cache, sequence_length=24)

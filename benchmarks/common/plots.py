@@ -19,3 +19,20 @@ def save(fig, path, dpi=110):
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def loss_curves(curves, path, ylabel="training loss", width=7, height=4):
+    """One moving-mean line per `{label: per-step losses}`, written to `path`."""
+    import numpy as np
+
+    fig, ax = figure(width, height)
+    window = 1
+    for label, losses in curves.items():
+        losses = np.asarray(losses, float)
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window, smooth, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"{ylabel} (moving mean of {window})")
+    ax.legend()
+    save(fig, path, dpi=120)

@@ -71,7 +71,7 @@ def _fetch_sdist(cache):
     return path
 
 
-def _ground_truth(cache, name):
+def ground_truth(cache, name):
     """`[(id, score, text)]` of one of the sdist's `*_GroundTruth.txt` files."""
     with tarfile.open(_fetch_sdist(cache)) as sdist:
         with tarfile.open(fileobj=sdist.extractfile(RESOURCES)) as resources:
@@ -93,7 +93,7 @@ def _cached_table(cache, name, rows):
 def movie_reviews(cache):
     """`(texts, labels)` of the 10,605 movie-review sentences, cached as TSV."""
     return _cached_table(cache, "movie_reviews.tsv", lambda: [
-        (text, int(float(score) > 0)) for _, score, text in _ground_truth(cache, "movieReviewSnippets")])
+        (text, int(float(score) > 0)) for _, score, text in ground_truth(cache, "movieReviewSnippets")])
 
 
 def snippet_sources(cache, per_source=3700):
@@ -104,7 +104,7 @@ def snippet_sources(cache, per_source=3700):
     def rows():
         out = []
         for label, name in enumerate(SOURCES):
-            texts = [text for _, _, text in _ground_truth(cache, name)]
+            texts = [text for _, _, text in ground_truth(cache, name)]
             keep = np.random.default_rng(label).permutation(len(texts))[:per_source]
             out += [(texts[i], label) for i in sorted(keep)]
         return out

@@ -25,8 +25,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 START, END = "<|im_start|>", "<|im_end|>"  # ChatML; also the model's bos / eos
 
 
-class SetupError(Exception):
-    """Something to install; the message says what."""
+SetupError = recipe.SetupError  # something to install; the message says what
 
 
 def gguf_path():
@@ -45,6 +44,18 @@ def unpermute_rope(weight, heads):
     return weight.reshape(heads, out // heads // 2, 2, fan_in).swapaxes(1, 2).reshape(out, fan_in)
 
 
+def _metadata(reader):
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def read_metadata(path=None):
+    """The metadata of a GGUF file (default: the embedded one), without
+    reading its tensors: enough for `tokenizer`."""
+    import gguf
+
+    return _metadata(gguf.GGUFReader(path or gguf_path()))
+
+
 def read_gguf(path):
     """`(metadata, tensors)` of a GGUF file: metadata values by key (token
     lists as lists of str), tensors as float32 arrays in torch's `(out, in)`
@@ -52,7 +63,7 @@ def read_gguf(path):
     import gguf
 
     reader = gguf.GGUFReader(path)
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
+    metadata = _metadata(reader)
     heads = metadata["llama.attention.head_count"], metadata["llama.attention.head_count_kv"]
     tensors = {}
     for tensor in reader.tensors:
