@@ -23,7 +23,7 @@ from common import recipe  # noqa: E402
 from common import timing  # noqa: E402
 from common.runs import RunCache  # noqa: E402
 SCRIPTS = ["bench_core.py", "bench_theory.py", "bench_quality.py", "bench_speed.py", "bench_peft.py",
-           "bench_switch.py", "bench_layers.py", "bench_floor.py", "bench_eager.py"]
+           "bench_switch.py", "bench_layers.py", "bench_floor.py", "bench_eager.py", "bench_lm.py", "bench_wholerun.py"]
 
 
 def _load(name):
@@ -166,6 +166,56 @@ def test_quality_summary_differences(tmp_path):
     assert os.path.getsize(os.path.join(tmp_path, "quality_summary.png")) > 0
     os.remove(os.path.join(tmp_path, "quality_jax_x.json"))
     assert summary.main(["--out", str(tmp_path)]) == 2
+
+
+def test_lm_packed_loss_is_the_weighted_response_loss():
+    bench_lm = _load("bench_lm")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 11)).astype("float32")
+    ids = rng.integers(0, 11, size=(3, 5))
+    weight = (rng.random((3, 5)) > 0.4).astype("float32")
+    packed = np.stack([ids, weight], -1).astype("float32")
+    expected = bench_lm.instructions.response_loss()(ids, logits, sample_weight=weight)
+    got = bench_lm.packed_loss(keras.ops.convert_to_tensor(packed), keras.ops.convert_to_tensor(logits))
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    by_hand = -(np.take_along_axis(log_p, ids[..., None], -1)[..., 0] * weight).sum() / weight.sum()
+    np.testing.assert_allclose(float(got), by_hand, rtol=1e-5)
+
+
+def test_defaults_rule_skips_a_candidate_worse_on_one_task(tmp_path):
+    defaults = _load("defaults")
+    setting = {"task": "movies", "objective": "head", "rank": 8, "targets": "qv", "factorization": "per_head",
+               "preheat_rank": 32, "preheat_steps": 20, "probe_steps": 0, "steps": 200, "tag": "", "command": ""}
+    quality = {"keras": {"lr": 0.002, "test": [0.80, 0.81, 0.82]}, "hrp": {"lr": 0.002, "test": [0.80, 0.81, 0.82]}}
+    with open(os.path.join(tmp_path, "quality_jax.json"), "w") as f:
+        json.dump({"setting": setting, "methods": quality}, f)
+    suffix = "steps=200|bs=32"
+    with open(os.path.join(tmp_path, "quality_jax_runs.jsonl"), "w") as f:
+        for seed, test in enumerate([0.85, 0.86, 0.87]):  # keeping the preheat: +5 points on MiniLM
+            variant = json.dumps({"init": "truncated_delta", "restore_weights": False}, sort_keys=True)
+            f.write(json.dumps({"key": f"jax|hrp|{variant}|lr=0.002|seed={seed}|{suffix}", "result": {"test": test}}))
+            f.write("\n" + json.dumps({"key": f"jax|keras||lr=0.002|seed={seed}|{suffix}", "result": {}}) + "\n")
+            f.write(json.dumps({"key": f"jax|hrp|{variant}|lr=0.002|seed={seed}|steps=9|bs=32",  # another setting
+                                "result": {"test": 0.1}}) + "\n")
+    lm = {"setting": {"task": "reviews", "rank": 8, "targets": "all", "lrs": [1e-4]},
+          "methods": {"keras": {"test": [4.00, 4.01, 4.02]}, "hrp": {"test": [3.99, 4.00, 4.01]},
+                      "hrp_keep": {"test": [4.03, 4.04, 4.05]}}}  # NLL: keeping the preheat is worse here
+    with open(os.path.join(tmp_path, "lm_jax_reviews.json"), "w") as f:
+        json.dump(lm, f)
+    evidence = defaults.quality_evidence(str(tmp_path)) + defaults.lm_evidence(str(tmp_path))
+    keep = "keep the preheat (truncated delta, no roll back)"
+    assert [len(e[4][keep]) for e in evidence] == [3, 3]  # the other setting's run left out
+    summary, chosen = defaults.choose(evidence)
+    paper = "paper (directions, B = 0, roll back)"
+    assert summary[keep]["worse"] == 1 and not summary[keep]["eligible"]
+    assert summary[keep]["mean"] > summary[paper]["mean"]  # best on average, yet refused
+    np.testing.assert_allclose(summary[paper]["mean"], 0.5, rtol=1e-6)  # (0 + 0.01 / 0.01) / 2 stds
+    assert chosen == paper and summary[paper]["settings"] == 2
+    assert defaults.main(["--out", str(tmp_path)]) == 0
+    text = open(os.path.join(tmp_path, "defaults.md")).read()
+    assert "+5.000 ± 0.816 (3)" in text and "-0.030 ± 0.008 (3) **worse**" in text
+    assert f"Chosen by the rule: **{paper}**" in text
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="minutes on MiniLM; once per CI, on torch")
