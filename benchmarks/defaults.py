@@ -8,8 +8,9 @@ measured it (`bench_quality.py`'s MiniLM tasks and its ablation runs,
 MiniLM, nats/token of held-out NLL (lower is better, so the sign is
 flipped) on the decoder. The rule: the default is the candidate with the best
 mean improvement, in units of each setting's seed-to-seed std (pooled over
-its methods, so the tasks' units compare), among those never worse than
-random-init LoRA by more than two standard errors where measured.
+its methods, so the tasks' units compare), among those measured on every
+task (a task: one dataset and objective, whatever its LoRA setting) and
+never worse than random-init LoRA by more than two standard errors there.
 
 Reads `results/quality_*.json`, their run caches and `results/lm_*.json`;
 writes `results/defaults.md`. Runs nothing.
@@ -88,7 +89,7 @@ def quality_evidence(folder):
         task, lora = quality_summary.describe(setting)
         tests = {m: [100 * v for v in item["test"]] for m, item in methods.items()}
         out.append((f"MiniLM {task}; {lora} ([{name}]({name}.md))", "points", pooled_std(tests),
-                    tests[BASELINE], cells, +1))
+                    tests[BASELINE], cells, +1, f"MiniLM {task}"))
     return out
 
 
@@ -108,7 +109,8 @@ def lm_evidence(folder):
         cells = {c: tests[m] for c, (m, _) in CANDIDATES.items() if m in tests}
         lrs = "untuned lr" if len(setting["lrs"]) == 1 else "lr tuned per method"
         out.append((f"SmolLM2 {setting['task']}; r {setting['rank']}, {setting['targets']} linear, {lrs} "
-                    f"([{name}]({name}.md))", "nats/token", pooled_std(tests), tests[BASELINE], cells, -1))
+                    f"([{name}]({name}.md))", "nats/token", pooled_std(tests), tests[BASELINE], cells, -1,
+                    f"SmolLM2 {setting['task']}"))
     return out
 
 
@@ -121,20 +123,22 @@ def improvement(values, base, sign):
 
 
 def choose(evidence):
-    """Per candidate: `{"mean", "settings", "worse", "eligible"}` and the chosen one."""
-    summary = {}
+    """Per candidate: `{"mean", "settings", "tasks", "worse", "eligible"}` and the chosen one."""
+    summary, every_task = {}, {row[-1] for row in evidence}
     for candidate in CANDIDATES:
-        scores, worse = [], 0
-        for _, _, std, base, cells, sign in evidence:
+        scores, worse, tasks = [], 0, set()
+        for _, _, std, base, cells, sign, task in evidence:
             if candidate not in cells:
                 continue
+            tasks.add(task)
             diff, se = improvement(cells[candidate], base, sign)
             if std:
                 scores.append(diff / std)
             if se is not None and diff < -2 * se:
                 worse += 1
         summary[candidate] = {"mean": float(np.mean(scores)) if scores else None, "settings": len(scores),
-                              "worse": worse, "eligible": bool(scores) and worse == 0}
+                              "tasks": f"{len(tasks)} / {len(every_task)}", "worse": worse,
+                              "eligible": bool(scores) and worse == 0 and tasks == every_task}
     eligible = [c for c, s in summary.items() if s["eligible"]]
     return summary, max(eligible, key=lambda c: summary[c]["mean"]) if eligible else None
 
@@ -161,18 +165,20 @@ def write_markdown(evidence, summary, chosen, path):
         "| setting | unit | std | " + " | ".join(names) + " |",
         "|---|---|---|" + "---|" * len(names),
     ]
-    for setting, unit, std, base, cells, sign in evidence:
+    for setting, unit, std, base, cells, sign, _ in evidence:
         row = [_cell(cells[c], base, sign) if c in cells else "" for c in names]
         lines.append(f"| {setting} | {unit} | {std:.3f} | " + " | ".join(row) + " |" if std else
                      f"| {setting} | {unit} | – | " + " | ".join(row) + " |")
     lines += [
         "",
-        "| candidate | settings measured | mean improvement (in stds) | worse by > 2 SE | eligible |",
-        "|---|---|---|---|---|",
+        "| candidate | settings measured | tasks measured | mean improvement (in stds) | worse by > 2 SE "
+        "| eligible |",
+        "|---|---|---|---|---|---|",
     ]
     for candidate, s in summary.items():
         mean = "–" if s["mean"] is None else f"{s['mean']:+.2f}"
-        lines.append(f"| {candidate} | {s['settings']} | {mean} | {s['worse']} | {'yes' if s['eligible'] else 'no'} |")
+        lines.append(f"| {candidate} | {s['settings']} | {s['tasks']} | {mean} | {s['worse']} | "
+                     f"{'yes' if s['eligible'] else 'no'} |")
     lines += ["", f"Chosen by the rule: **{chosen or 'none (no candidate is eligible)'}**.", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -211,7 +211,13 @@ def test_defaults_rule_skips_a_candidate_worse_on_one_task(tmp_path):
     assert summary[keep]["worse"] == 1 and not summary[keep]["eligible"]
     assert summary[keep]["mean"] > summary[paper]["mean"]  # best on average, yet refused
     np.testing.assert_allclose(summary[paper]["mean"], 0.5, rtol=1e-6)  # (0 + 0.01 / 0.01) / 2 stds
-    assert chosen == paper and summary[paper]["settings"] == 2
+    assert chosen == paper and summary[paper]["settings"] == 2 and summary[paper]["tasks"] == "2 / 2"
+    lm["methods"]["hrp_rank_auto"] = {"test": [3.0, 3.01, 3.02]}  # far ahead, on one task of two
+    with open(os.path.join(tmp_path, "lm_jax_reviews.json"), "w") as f:
+        json.dump(lm, f)
+    summary, chosen = defaults.choose(defaults.quality_evidence(str(tmp_path)) + defaults.lm_evidence(str(tmp_path)))
+    assert summary['rank="auto"']["tasks"] == "1 / 2" and not summary['rank="auto"']["eligible"]
+    assert chosen == paper
     assert defaults.main(["--out", str(tmp_path)]) == 0
     text = open(os.path.join(tmp_path, "defaults.md")).read()
     assert "+5.000 ± 0.816 (3)" in text and "-0.030 ± 0.008 (3) **worse**" in text
