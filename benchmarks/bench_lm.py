@@ -231,18 +231,8 @@ def write_markdown(args, table, path, png):
 
 
 def plot(table, path):
-    fig, ax = plots.figure()
-    for method, item in table.items():
-        length = min(len(r["curve"]) for r in item["runs"])
-        losses = np.mean([r["curve"][:length] for r in item["runs"]], axis=0)
-        window = max(1, length // 10)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        offset = len(item["runs"][0]["curve"]) - length
-        ax.plot(np.arange(len(smooth)) + window + offset, smooth, label=method)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/response token, moving mean over seeds)")
-    ax.legend(fontsize=8, ncol=2)
-    plots.save(fig, path)
+    plots.seed_mean_curves(table, path, "optimizer step",
+                           "training loss (nats/response token, moving mean over seeds)", windows=10)
 
 
 def prepare(args):
