@@ -299,7 +299,7 @@ def main(argv=None):
     setting = {k: getattr(args, k) for k in ("task", "rank", "targets", "preheat_rank", "preheat_steps",
                                              "steps", "lrs", "full_lrs", "tag")}
     summary = {"setting": {**setting, "command": shlex.join(args.argv), "metric": "test NLL (nats/token)"},
-               "methods": {m: {"lr": t["lr"], **{k: [r[k][("nll")] for r in t["runs"]] for k in ("test", "val")},
+               "methods": {m: {"lr": t["lr"], **{k: [r[k]["nll"] for r in t["runs"]] for k in ("test", "val")},
                                "token_accuracy": [r["test"]["token_accuracy"] for r in t["runs"]],
                                "params": [r["params"] for r in t["runs"]]}
                            for m, t in table.items()}}
