@@ -39,12 +39,18 @@ DEFAULT_CONFIGS = [("default", 8)] + [(init, 48) for init in PEFT_INITS if init 
 
 
 def ensure_venv(path):
-    python = os.path.join(path, "bin", "python")
-    if not os.path.exists(os.path.join(path, ".installed")):
-        subprocess.run([sys.executable, "-m", "venv", path], check=True)
+    """The venv's python, created (or updated) from requirements-peft.txt when its stamp differs."""
+    python, stamp = os.path.join(path, "bin", "python"), os.path.join(path, ".installed")
+    with open(os.path.join(HERE, "requirements-peft.txt")) as f:
+        wanted = f.read()
+    installed = open(stamp).read() if os.path.exists(stamp) else None
+    if installed != wanted:
+        if not os.path.exists(python):
+            subprocess.run([sys.executable, "-m", "venv", path], check=True)
         subprocess.run([python, "-m", "pip", "install", "-q", "-r",
                         os.path.join(HERE, "requirements-peft.txt")], check=True)
-        open(os.path.join(path, ".installed"), "w").close()
+        with open(stamp, "w") as f:
+            f.write(wanted)
     return python
 
 

@@ -237,12 +237,12 @@ def compare(args, cache, preset, data, picked):
 def ablation(args, cache, preset, data, lr):
     rows = {}
     for name, options in ABLATION.items():
-        if args.ablation_variants and name not in args.ablation_variants:
-            continue
         variant = json.dumps(options, sort_keys=True) if options else ""  # "" = compare()'s runs
-        runs = [cache.get(_key(args, "hrp", lr, s, variant=variant),
-                          lambda: run("hrp", lr, s, args, preset, data, options))
-                for s in range(args.ablation_seeds)]
+        keys = [_key(args, "hrp", lr, s, variant=variant) for s in range(10)]
+        selected = not args.ablation_variants or name in args.ablation_variants
+        runs = [cache.get(key, lambda: run("hrp", lr, s, args, preset, data, options))
+                for s, key in enumerate(keys[:args.ablation_seeds])] if selected else []
+        runs += [cache.runs[key] for key in keys[len(runs):] if key in cache.runs]  # earlier runs' seeds
         runs = [r for r in runs if r is not None]
         if not runs:  # --report-only: a variant not run
             continue
@@ -341,7 +341,8 @@ def parse(argv):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ablation-seeds", type=int, default=2)
     parser.add_argument("--ablation-variants", nargs="+", choices=list(ABLATION), default=None,
-                        help="only these HRP variants (default: all)")
+                        help="run only these HRP variants (default: all); the report shows "
+                        "every variant the run cache has")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[3e-5, 1e-4])
     parser.add_argument("--extend-grid", type=int, default=1,

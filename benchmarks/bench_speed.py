@@ -9,7 +9,10 @@ HRP model also trains on after its switch):
 - `minilm:all`: the same, rank 8 on every linear layer of every block;
 - `gemma:all`: a Gemma-shaped decoder built from config (hidden 1024,
   4 blocks, 8 query heads / 1 key-value head of 128, MLP 4096, sequence
-  512), every linear layer.
+  512), every linear layer;
+- `smollm:all` (opt-in): the decoder recipe's real SmolLM2-135M-Instruct,
+  every linear layer, the recipe's batch (8 x 48 tokens); its PEFT row
+  loads the same GGUF file in transformers (`gguf_file=`).
 
 Step time: epochs interleaved in one process, the median step. Memory: each model
 trains in its own process; the peak resident memory of its training steps
@@ -18,6 +21,7 @@ whole peak. For `minilm:qv` also one whole HRP run (preheat, switch, main
 phase) against a stock run: the switch's share and the first step after it.
 
     KERAS_BACKEND=jax python benchmarks/bench_speed.py [--quick] [--settings minilm:all ...]
+    KERAS_BACKEND=jax python benchmarks/bench_speed.py --settings smollm:all --tag _smollm
 """
 
 import argparse
@@ -41,13 +45,16 @@ from keras_hrp.state import run_state  # noqa: E402
 
 from common import plots  # noqa: E402
 from common import recipe  # noqa: E402
+from common import smollm  # noqa: E402
 from common import timing  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 # PEFT module names of the same targets (suffix matches; "output.dense" is both
 # the attention output and the MLP output, "dense" alone would add the pooler).
-PEFT_TARGETS = {"qv": ["query", "value"], "all": ["query", "key", "value", "output.dense", "intermediate.dense"]}
-SETTINGS = ("minilm:qv", "minilm:all", "gemma:all")
+PEFT_TARGETS = {"qv": ["query", "value"], "all": ["query", "key", "value", "output.dense", "intermediate.dense"],
+                "smollm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+SETTINGS = ("minilm:qv", "minilm:all", "gemma:all", "smollm:all")
+DECODERS = ("gemma", "smollm")  # causal LMs trained on token ids; the others classify sentences
 KINDS = ("stock", "stock, 2nd instance", "keras-hrp")
 GEMMA = dict(num_layers=4, num_query_heads=8, num_key_value_heads=1, hidden_dim=1024,
              intermediate_dim=8192, head_dim=128)  # KerasHub's Gemma MLP is intermediate_dim / 2 wide
@@ -55,15 +62,17 @@ GEMMA = dict(num_layers=4, num_query_heads=8, num_key_value_heads=1, hidden_dim=
 
 def _targets(setting):
     family, targets = setting.split(":")
-    names = {"minilm": "bert"}.get(family, family)
+    names = {"minilm": "bert", "smollm": "llama"}.get(family, family)
     return None if targets == "qv" else list(keras_hrp.hub.LINEAR_LAYER_NAMES[names])
 
 
 def data(setting, args, n):
     """`(x, y)` of `n` examples for `setting`'s model."""
     rng = np.random.default_rng(0)
-    if setting.startswith("gemma"):
-        ids = rng.integers(1, args.vocab, size=(n, args.gemma_seq_len + 1)).astype("int32")
+    if setting.startswith(DECODERS):
+        vocab, length = ((args.vocab, args.gemma_seq_len) if setting.startswith("gemma")
+                         else (len(smollm.read_metadata()["tokenizer.ggml.tokens"]), args.seq_len))
+        ids = rng.integers(1, vocab, size=(n, length + 1)).astype("int32")
         x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1], dtype=bool)}
         return x, ids[:, 1:]
     texts, labels = _texts(n)
@@ -80,16 +89,23 @@ def _texts(n):
 
 
 def peft_step(setting, args):
-    """PEFT's median step (ms) on the same MiniLM setting, in the PEFT benchmark's venv."""
+    """PEFT's median step (ms) and memory on the same setting, in the PEFT benchmark's venv."""
     import bench_peft
 
     python = bench_peft.ensure_venv(bench_peft.VENV)
-    texts, labels = _texts(args.batch_size)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
-    job = {"model_dir": recipe.default_preset(), "texts": texts, "labels": labels.tolist(),
-           "seq_len": args.seq_len, "threads": threads,
-           "speed": {"rank": args.rank, "targets": PEFT_TARGETS[setting.split(":")[1]],
-                     "repeats": 2 + args.repeats * args.steps_per_epoch}}
+    if setting.startswith("smollm"):
+        x, _ = data(setting, args, args.smollm_batch_size)
+        ids = np.concatenate([x["token_ids"], x["token_ids"][:, -1:]], 1)
+        job = {"threads": threads, "speed": {"rank": args.rank, "targets": PEFT_TARGETS["smollm"],
+                                             "gguf": smollm.gguf_path(), "token_ids": ids.tolist(),
+                                             "repeats": 2 + args.gemma_repeats * args.steps_per_epoch}}
+    else:
+        texts, labels = _texts(args.batch_size)
+        job = {"model_dir": recipe.default_preset(), "texts": texts, "labels": labels.tolist(),
+               "seq_len": args.seq_len, "threads": threads,
+               "speed": {"rank": args.rank, "targets": PEFT_TARGETS[setting.split(":")[1]],
+                         "repeats": 2 + args.repeats * args.steps_per_epoch}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     try:
@@ -109,6 +125,8 @@ def model(setting, kind, args, rank=None, targets=None):
     if setting.startswith("gemma"):
         backbone = keras_hub.models.GemmaBackbone(vocabulary_size=args.vocab, dtype=args.dtype, **GEMMA)
         task = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    elif setting.startswith("smollm"):
+        task = smollm.causal_lm(args.cache, sequence_length=args.seq_len)  # fit bypasses its preprocessor
     else:
         task = keras_hub.models.TextClassifier.from_preset(recipe.default_preset(), num_classes=2,
                                                            preprocessor=None)
@@ -125,7 +143,8 @@ def model(setting, kind, args, rank=None, targets=None):
 
 
 def batch_size(setting, args):
-    return args.gemma_batch_size if setting.startswith("gemma") else args.batch_size
+    family = setting.split(":")[0]
+    return {"gemma": args.gemma_batch_size, "smollm": args.smollm_batch_size}.get(family, args.batch_size)
 
 
 def bench_steps(setting, args):
@@ -137,7 +156,7 @@ def bench_steps(setting, args):
     fits = {kind: timing.fit_epoch(task, x, y, batch) for kind, task in models.items()}
     for fit in fits.values():
         fit()  # compile
-    repeats = args.gemma_repeats if setting.startswith("gemma") else args.repeats
+    repeats = args.gemma_repeats if setting.startswith(DECODERS) else args.repeats
     medians = timing.medians(timing.interleaved(fits, repeats))
     print(setting, {k: f"{v * 1e3:.1f} ms" for k, v in medians.items()}, flush=True)
     return medians
@@ -195,7 +214,7 @@ def one_run(args):
 def _subprocess_run(args, setting, kind, steps):
     command = [sys.executable, os.path.abspath(__file__), "--one-run", setting, kind, "--run-steps", str(steps)]
     for name in ("rank", "preheat_rank", "preheat_steps", "batch_size", "seq_len", "gemma_batch_size",
-                 "gemma_seq_len", "vocab", "dtype"):
+                 "gemma_seq_len", "smollm_batch_size", "vocab", "dtype", "cache"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
@@ -206,7 +225,7 @@ def _subprocess_run(args, setting, kind, steps):
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS[:3]))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preheat-rank", type=int, default=32)
     parser.add_argument("--preheat-steps", type=int, default=20)
@@ -218,12 +237,16 @@ def parse(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=48)
     parser.add_argument("--gemma-batch-size", type=int, default=1)
+    parser.add_argument("--smollm-batch-size", type=int, default=8, help="the decoder recipe's batch")
     parser.add_argument("--gemma-seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096, help="the Gemma-shaped model's vocabulary")
     parser.add_argument("--dtype", default="float32", help="the Gemma-shaped model's dtype policy")
     parser.add_argument("--no-peft", dest="peft", action="store_false",
                         help="skip the PEFT rows (they need benchmarks/.venv-peft, created when missing)")
+    parser.add_argument("--cache", default=os.path.join(HERE, "..", ".data"),
+                        help="where smollm:all's dequantized weights are cached")
     parser.add_argument("--one-run", nargs=2, metavar=("SETTING", "KIND"), help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help="appended to the result files' names (another setting)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -243,12 +266,12 @@ def main(argv=None):
         steps = bench_steps(setting, args)
         memory = {kind: _subprocess_run(args, setting, kind, args.memory_steps) for kind in ("stock", "keras-hrp")}
         results[setting] = {"steps": steps, "memory": memory}
-        if args.peft and setting.startswith("minilm"):
+        if args.peft and not setting.startswith("gemma"):
             results[setting]["peft"] = peft_step(setting, args)
     if "minilm:qv" in args.settings:
         results["whole runs"] = {kind: _subprocess_run(args, "minilm:qv", kind, args.run_steps)
                                  for kind in ("stock", "hrp")}
-    path = os.path.join(args.out, f"speed_{backend}{'_quick' if args.quick else ''}")
+    path = os.path.join(args.out, f"speed_{backend}{args.tag}{'_quick' if args.quick else ''}")
     os.makedirs(args.out, exist_ok=True)
     with open(f"{path}.json", "w") as f:
         json.dump(results, f)
@@ -268,11 +291,14 @@ def write_markdown(args, backend, results, path):
         f"{timing.machine(backend, keras.__version__)}.",
         f"LoRA rank {args.rank}, Adam. MiniLM: batch {args.batch_size}, sequence {args.seq_len}. "
         f"Gemma-shaped: {GEMMA}, vocabulary {args.vocab}, {args.dtype}, batch {args.gemma_batch_size}, "
-        f"sequence {args.gemma_seq_len}. keras-hrp = `enable_hrp(..., preheat_rank=None)` (the "
+        f"sequence {args.gemma_seq_len}. "
+        + ("SmolLM2-135M-Instruct (the decoder recipe's real weights, float32, 30 blocks): batch "
+           f"{args.smollm_batch_size}, sequence {args.seq_len}, every linear layer. " if "smollm:all" in args.settings else "")
+        + "keras-hrp = `enable_hrp(..., preheat_rank=None)` (the "
         "unmerged path; an HRP model trains on it after its switch).",
         "",
         f"## Step time ({args.steps_per_epoch}-step epochs interleaved, {args.repeats} repeats, "
-        f"Gemma {args.gemma_repeats}; median of the steps, each batch begin to batch end) and memory (own process, {args.memory_steps} steps)",
+        f"the decoders {args.gemma_repeats}; median of the steps, each batch begin to batch end) and memory (own process, {args.memory_steps} steps)",
         "",
         "| setting | stock (ms) | stock, 2nd instance / stock | keras-hrp (ms) | keras-hrp / stock | "
         "PEFT (ms) / stock | step peak above rest, stock → keras-hrp (MiB) | run peak, stock → keras-hrp (MiB) |",
@@ -295,6 +321,11 @@ def write_markdown(args, backend, results, path):
         "`benchmarks/.venv-peft`, its own process right after this setting's Keras runs, "
         "same thread count), timed over as many steps.",
     ]
+    for setting in args.settings:
+        peft = results[setting].get("peft") or {}
+        if "step_peak_mib" in peft:
+            lines.append(f"PEFT's memory on {setting} (the same measure): step peak above rest "
+                         f"{peft['step_peak_mib'] - peft['rest_mib']:.0f} MiB, run peak {peft['run_peak_mib']:.0f} MiB.")
     if "whole runs" in results:
         stock, hrp = results["whole runs"]["stock"], results["whole runs"]["hrp"]
         mib = 1 / 2**20

@@ -14,6 +14,7 @@ it first creates and saves, for KerasHub to load).
 """
 
 import json
+import os
 import sys
 import time
 
@@ -112,20 +113,58 @@ def train(run, job, data):
             "threads": torch.get_num_threads()}
 
 
-def speed(job):
-    """Median milliseconds per PEFT LoRA training step on `job["texts"]`."""
+def _memory_mib(field):
+    """`VmRSS` / `VmHWM` of this process (Linux), MiB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib / 1024
+
+
+def _speed_model(job):
+    """`(PEFT model, one batch's loss function)` of a speed job: the MiniLM
+    classifier on `job["texts"]`, or a causal LM from `speed["gguf"]` (the
+    next-token loss on `speed["token_ids"]`)."""
     spec = job["speed"]
+    if "gguf" in spec:
+        from transformers import AutoModelForCausalLM
+
+        folder, name = os.path.split(spec["gguf"])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=spec["rank"], lora_alpha=spec["rank"],
+                                                 target_modules=spec["targets"]))
+        ids = torch.as_tensor(spec["token_ids"])
+        return model, lambda: model(input_ids=ids, labels=ids).loss
     model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=2)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=spec["rank"], lora_alpha=spec["rank"],
                                              target_modules=spec["targets"]))
-    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    x = encode(tokenizer, job["texts"], job["seq_len"])
+    x = encode(AutoTokenizer.from_pretrained(job["model_dir"]), job["texts"], job["seq_len"])
     y = torch.as_tensor(job["labels"])
+    return model, lambda: torch.nn.functional.cross_entropy(model(**x).logits, y)
+
+
+def speed(job):
+    """Median milliseconds per PEFT LoRA training step, and memory measured as
+    bench_speed measures Keras': the peak resident memory of the steps after
+    the first above the model at rest, and the run's whole peak (MiB)."""
+    model, loss_fn = _speed_model(job)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times = [timed_step(model, optimizer, x, y)[0] for _ in range(spec["repeats"])]
+    times, rest_mib, first_peak_mib = [], None, None
+    for _ in range(job["speed"]["repeats"]):
+        start = time.perf_counter()
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        if rest_mib is None:
+            rest_mib, first_peak_mib = _memory_mib("VmRSS"), _memory_mib("VmHWM")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
     return {"step_ms": 1e3 * float(np.median(times[2:])), "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "rest_mib": rest_mib, "step_peak_mib": _memory_mib("VmHWM"),
+            "run_peak_mib": max(first_peak_mib, _memory_mib("VmHWM"))}
 
 
 def _tensors(inputs):

@@ -89,6 +89,23 @@ def test_quality_grid_extends_past_an_edge_pick():
     assert beyond({2e-3: 0.84}) is None
 
 
+def test_quality_ablation_runs_the_chosen_variants_and_reports_every_cached_one(tmp_path, monkeypatch):
+    quality = _load("bench_quality")
+    args = quality.parse(["--ablation", "--ablation-seeds", "1", "--ablation-variants", "asymmetric",
+                          "--out", str(tmp_path)])
+    cache = RunCache(os.path.join(tmp_path, "runs.jsonl"))
+    truncated = json.dumps(quality.ABLATION["truncated delta"], sort_keys=True)
+    for seed in (0, 1):  # an earlier run's two seeds of a variant not chosen now
+        cache.put(quality._key(args, "hrp", 1e-3, seed, variant=truncated), {"val": [0.7, 0.8][seed]})
+    ran = []
+    monkeypatch.setattr(quality, "run", lambda method, lr, seed, *rest: ran.append((seed, rest[-1])) or {"val": 0.5})
+    rows = quality.ablation(args, cache, None, None, 1e-3)
+    assert ran == [(0, quality.ABLATION["asymmetric"])]  # only the chosen variant runs, one seed
+    assert [r["val"] for r in rows["asymmetric"]] == [0.5]
+    assert [r["val"] for r in rows["truncated delta"]] == [0.7, 0.8]  # from the cache, not run
+    assert "auto preheat (switch when the subspaces settle)" not in rows  # neither chosen nor cached
+
+
 def test_peft_configs_and_table(tmp_path):
     peft = _load("bench_peft")
     args = peft.parse(["--out", str(tmp_path)])
@@ -236,6 +253,25 @@ def test_speed_quick_run_reports_both_phases(tmp_path):
     assert hrp["final_state_bytes"] == stock["final_state_bytes"]  # same model after the switch
     for run in (hrp, stock):
         assert 0 < run["rest_mib"] <= run["run_peak_mib"] and run["step_peak_mib"] <= run["run_peak_mib"]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="numpy data and argument plumbing; once")
+def test_speed_decoder_setting_matches_the_recipe_and_peft():
+    from common import smollm
+
+    try:
+        smollm.gguf_path()
+    except smollm.SetupError as error:
+        pytest.skip(str(error))
+    speed = _load("bench_speed")
+    args = speed.parse(["--settings", "smollm:all"])
+    assert speed.batch_size("smollm:all", args) == 8 and speed.batch_size("gemma:all", args) == 1
+    x, y = speed.data("smollm:all", args, 5)
+    assert x["token_ids"].shape == y.shape == (5, args.seq_len)
+    np.testing.assert_array_equal(x["token_ids"][:, 1:], y[:, :-1])  # next-token targets
+    assert 0 < x["token_ids"].min() and y.max() < 49152  # SmolLM2's vocabulary
+    # The same seven projections of every block on both sides.
+    assert len(speed.PEFT_TARGETS["smollm"]) == len(speed._targets("smollm:all")) == 7
 
 
 def test_interleaved_timing_alternates_the_order():
