@@ -22,8 +22,9 @@ class HRPCallback(keras.callbacks.Callback):
     The callback counts optimizer updates (`optimizer.iterations`: one per
     `steps_per_execution` step, one per `gradient_accumulation_steps`
     batches, across epochs, fits and resumed runs) and at the first batch
-    end after `preheat_steps` of them (or, with `"auto"`, once the preheat
-    is stable, see below) calls `keras_hrp.switch_to_main` on
+    end after `preheat_steps` of them (by default a tenth of the updates
+    the `fit` plans; with `"auto"`, once the preheat is stable, see below)
+    calls `keras_hrp.switch_to_main` on
     `self.model`: each HRP layer's new `A` is
     taken from the top singular directions of its preheated delta, `B = 0`,
     the adapter shrinks to its main rank, every other weight returns to its
@@ -41,11 +42,13 @@ class HRPCallback(keras.callbacks.Callback):
     in the same `fit`, the switch writes each layer's preheated spectrum and
     energy kept under its `log_dir`, in `hrp/` (`keras_hrp.spectra`).
 
-    The defaults are the paper's reading: the preheat is only a probe.
-    `init`, `restore_weights` and `warmup_steps` let the main phase keep
-    more of what the preheat learned (see the ablations in benchmarks/README.md).
+    The defaults are the paper's reading: the preheat is only a probe, a
+    tenth of the run long. They were chosen from the benchmarks
+    (`benchmarks/results/defaults.md`). `init`, `restore_weights` and
+    `warmup_steps` let the main phase keep more of what the preheat learned
+    (see the ablations in benchmarks/README.md).
 
-    `preheat_steps="auto"` (the default): every `check_every` updates the
+    `preheat_steps="auto"`: every `check_every` updates the
     callback takes each preheating layer's top-`rank` left singular
     directions of its delta (the directions the switch keeps) and switches
     once every layer's subspace moved less than `stable_degrees` (largest
@@ -57,10 +60,12 @@ class HRPCallback(keras.callbacks.Callback):
 
     Args:
         preheat_steps: number of optimizer updates at the preheating rank,
-            or `"auto"`.
+            or `"auto"`. `None` (the default): a tenth of the updates the
+            `fit` plans (epochs x steps per epoch), at least 1; 100, with a
+            warning, when the `fit` does not know its length.
         max_preheat_steps: `"auto"`'s limit (updates). `None`: a tenth of
             the updates the `fit` plans (epochs x steps per epoch), at
-            least `check_every` and 2; 100 when the `fit` does not know
+            least `check_every` and 2; 100, with a warning, when the `fit` does not know
             its length.
         check_every: `"auto"`'s updates between two checks. `None`: 10,
             or a fifth of `max_preheat_steps` where that is under 50, so
@@ -92,12 +97,15 @@ class HRPCallback(keras.callbacks.Callback):
     ...     keras_hrp.HRPDense(64, rank=4, preheat_rank=32),
     ... ])
     >>> model.compile("adam", "mse")
-    >>> model.fit(x, y, epochs=3, callbacks=[keras_hrp.HRPCallback()])
+    >>> x, y = np.ones((64, 64)), np.zeros((64, 64))
+    >>> model.fit(x, y, epochs=5, callbacks=[keras_hrp.HRPCallback(verbose=0)], verbose=0)
+    >>> model.layers[0].hrp_phase
+    'main'
     """
 
     def __init__(
         self,
-        preheat_steps="auto",
+        preheat_steps=None,
         restore_weights=True,
         init="directions",
         warmup_steps=0,
@@ -110,9 +118,10 @@ class HRPCallback(keras.callbacks.Callback):
         owner = "HRPCallback"
         self.auto = isinstance(preheat_steps, str)
         if self.auto and preheat_steps != "auto":
-            settings.fail(owner, "`preheat_steps` must be a positive integer or 'auto'", preheat_steps=preheat_steps)
+            settings.fail(owner, "`preheat_steps` must be a positive integer, 'auto' or None",
+                          preheat_steps=preheat_steps)
         self.preheat_steps = None if self.auto else settings.integer(
-            owner, "preheat_steps", preheat_steps, minimum=1)
+            owner, "preheat_steps", preheat_steps, minimum=1, optional=True)
         self.max_preheat_steps = settings.integer(
             owner, "max_preheat_steps", max_preheat_steps, minimum=1, optional=True)
         self.check_every = settings.integer(owner, "check_every", check_every, minimum=1, optional=True)
@@ -203,7 +212,10 @@ class HRPCallback(keras.callbacks.Callback):
         }
         optimizer = getattr(model, "optimizer", None)
         self._accumulation = getattr(optimizer, "gradient_accumulation_steps", None) or 1
-        self._limit = self.max_preheat_steps or self._planned_limit()
+        if self.auto:
+            self._limit = self.max_preheat_steps or self._tenth_of_fit(max(self.check_every or 2, 2))
+        else:
+            self._limit = self.preheat_steps or self._tenth_of_fit(1)
         self._every = self.check_every or min(10, max(1, self._limit // 5))
         self._next_check = (done // self._every + 1) * self._every
         self._done = done
@@ -217,7 +229,7 @@ class HRPCallback(keras.callbacks.Callback):
         # many optimizer updates. Count them exactly (a JAX state sync) only
         # once the bound reaches the preheat's length.
         self._unchecked += batch - self._begin + 1
-        target = min(self._next_check, self._limit) if self.auto else self.preheat_steps
+        target = min(self._next_check, self._limit) if self.auto else self._limit
         if self._done + self._unchecked // self._accumulation + 1 < target:
             return
         model = self.model
@@ -256,19 +268,22 @@ class HRPCallback(keras.callbacks.Callback):
                     warnings.warn(f"HRPCallback: the spectra were not written to {log_dir}: {error!r}",
                                   stacklevel=2)
 
-    def _planned_limit(self):
-        """A tenth of the updates this `fit` plans (at least `check_every`
-        and 2); 100 when the `fit` does not know its length."""
+    def _tenth_of_fit(self, minimum):
+        """A tenth of the updates this `fit` plans (at least `minimum`); 100,
+        with a warning, when the `fit` does not know its length."""
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         if not epochs or not steps:
+            name = "max_preheat_steps" if self.auto else "preheat_steps"
+            warnings.warn(f"HRPCallback: the fit does not know its length (steps per epoch), so the "
+                          f"preheat is capped at 100 updates; pass {name} to choose", stacklevel=3)
             return 100
-        return max(self.check_every or 2, 2, epochs * steps // self._accumulation // 10)
+        return max(minimum, epochs * steps // self._accumulation // 10)
 
     def _reason(self, model):
         """Why the preheat ends now, or `None` while `"auto"` goes on."""
         if not self.auto:
-            return f"preheat_steps={self.preheat_steps}"
+            return f"preheat_steps={self._limit}" + ("" if self.preheat_steps else " (a tenth of the fit)")
         tracker = run_state(model).tracker
         if self._done >= self._next_check and tracker.check(model, self._done, self.stable_degrees):
             previous, last = tracker.checks[-2:]
@@ -300,7 +315,7 @@ class HRPCallback(keras.callbacks.Callback):
                 needs = (f"up to {self._limit} (max_preheat_steps), or until the subspaces "
                          f"are stable")
             else:
-                needs = f"{self.preheat_steps} (preheat_steps)"
+                needs = f"{self._limit} (preheat_steps)"
             warnings.warn(
                 f"HRPCallback: fit ended after {done} preheat updates; the preheat needs "
                 f"{needs}, so the HRP layers are still at their preheating rank (a later fit "

@@ -16,12 +16,12 @@ from tests.helpers import principal_angle_cos
 from tests.helpers import regression_data
 
 
-def _fit(epochs=4, jit_compile=False, **callback_kwargs):
+def _fit(epochs=4, jit_compile=False, preheat_steps="auto", **callback_kwargs):
     x, y = regression_data()
     model = hrp_mlp(rank=2, preheat_rank=12)
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
     before = model.predict(x, verbose=0)
-    hrp = keras_hrp.HRPCallback(verbose=0, **callback_kwargs)
+    hrp = keras_hrp.HRPCallback(preheat_steps, verbose=0, **callback_kwargs)
     model.fit(x, y, batch_size=32, epochs=epochs, callbacks=[hrp], verbose=0)
     return model, hrp, before
 
@@ -60,7 +60,7 @@ def test_tracker_is_stable_once_nothing_moves():
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
-def test_default_auto_preheat_switches_once_stable(jit_compile):
+def test_auto_preheat_switches_once_stable(jit_compile):
     model, hrp, before = _fit(jit_compile=jit_compile, check_every=4, stable_degrees=20.0, max_preheat_steps=100)
     assert hrp.report.reason.startswith("stable")
     angles = [check.angle for check in hrp.report.checks]
@@ -78,7 +78,7 @@ def test_auto_preheat_stops_at_its_limit():
 
 
 def test_auto_preheat_errors():
-    with pytest.raises(ValueError, match="HRPCallback.*positive integer or 'auto'.*preheat_steps='soon'"):
+    with pytest.raises(ValueError, match="HRPCallback.*positive integer, 'auto' or None.*preheat_steps='soon'"):
         keras_hrp.HRPCallback("soon")
     with pytest.raises(ValueError, match="HRPCallback.*below 90.*stable_degrees=90"):
         keras_hrp.HRPCallback(stable_degrees=90)
@@ -91,6 +91,31 @@ def test_auto_preheat_limit_defaults_to_a_tenth_of_the_fit():
     assert hrp.switch_step == 8
     assert hrp.report.reason.startswith("max_preheat_steps=8 reached")
     assert [check.step for check in hrp.report.checks] == [3, 6]
+
+
+def test_default_preheat_is_a_fixed_tenth_of_the_fit():
+    model, hrp, _ = _fit(epochs=10, preheat_steps=None)  # 10 epochs of 8 steps
+    assert hrp.switch_step == 8 and hrp.report.reason == "preheat_steps=8 (a tenth of the fit)"
+    assert hrp.report.checks == []  # no subspace checks: the length is fixed
+    assert all(layer.hrp_phase == "main" for layer in keras_hrp.hrp_layers(model))
+
+
+def test_default_preheat_without_a_known_length_warns_and_caps_at_100():
+    x, y = regression_data()
+    model = hrp_mlp(rank=2, preheat_rank=12)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+
+    def batches():  # a generator: the fit does not know its length
+        for start in range(0, len(x), 32):
+            yield x[start:start + 32], y[start:start + 32]
+
+    hrp = keras_hrp.HRPCallback(verbose=0)
+    with pytest.warns(UserWarning) as caught:
+        model.fit(batches(), epochs=1, callbacks=[hrp], verbose=0)
+    messages = [str(w.message) for w in caught]
+    assert any("does not know its length" in m and "capped at 100" in m for m in messages)
+    assert any("still at their preheating rank" in m and "100 (preheat_steps)" in m for m in messages)
+    assert hrp.report is None and all(layer.hrp_phase == "preheat" for layer in keras_hrp.hrp_layers(model))
 
 
 def test_short_runs_get_checks_by_default():

@@ -147,7 +147,7 @@ def test_enable_hrp_arguments(rank, preheat_rank, lora_alpha, variant, targets):
 )
 def test_hrp_callback_arguments(preheat_steps, restore_weights, init, warmup_steps, verbose):
     checks = [
-        ("preheat_steps", preheat_steps, _integral(preheat_steps) and preheat_steps >= 1),
+        ("preheat_steps", preheat_steps, preheat_steps is None or _integral(preheat_steps) and preheat_steps >= 1),
         ("init", init, init in hrp_settings.SWITCH_INITS),
         ("warmup_steps", warmup_steps, _integral(warmup_steps) and warmup_steps >= 0),
         ("restore_weights", restore_weights, isinstance(restore_weights, (bool, np.bool_))),
@@ -161,7 +161,8 @@ def test_hrp_callback_arguments(preheat_steps, restore_weights, init, warmup_ste
         "HRPCallback", _first_invalid(checks),
     )
     if callback is not None:
-        assert callback.preheat_steps == int(preheat_steps) and callback.restore_weights in (True, False)
+        expected = None if preheat_steps is None else int(preheat_steps)  # None: a tenth of the fit
+        assert callback.preheat_steps == expected and callback.restore_weights in (True, False)
 
 
 @PROPERTY
