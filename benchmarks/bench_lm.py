@@ -83,7 +83,8 @@ def build(method, args, lm, batches):
         rank = options.get("rank", args.rank)
         budget = rank_budget(args) if rank == "auto" else None
         keras_hrp.enable_hrp(lm.backbone, rank=rank, preheat_rank=args.preheat_rank,
-                             target_layer_names=targets, rank_budget=budget)
+                             target_layer_names=targets, rank_budget=budget,
+                             rank_allocation="spectrum" if rank == "auto" else "uniform")
         preheat = options.get("preheat_steps", args.preheat_steps)
         callback = keras_hrp.HRPCallback(
             preheat, restore_weights=options.get("restore_weights", True), init=options.get("init", "directions"),

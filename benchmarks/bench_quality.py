@@ -114,6 +114,7 @@ def build(method, args, preset, options, x, y):
             task, rank=rank, preheat_rank=options.get("preheat_rank", args.preheat_rank),
             variant=options.get("variant", "classic"), factorization=args.factorization,
             rank_budget=_rank_budget(args, preset) if rank == "auto" else None, target_layer_names=targets,
+            rank_allocation="spectrum" if rank == "auto" else "uniform",
         )
         share = options.get("preheat_steps_share")
         preheat = max(1, round(share * args.steps)) if share else options.get("preheat_steps", args.preheat_steps)

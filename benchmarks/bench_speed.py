@@ -136,6 +136,7 @@ def model(setting, kind, args, rank=None, targets=None):
     else:
         preheat_rank = args.preheat_rank if kind == "hrp" else None
         keras_hrp.enable_hrp(task, rank=rank, preheat_rank=preheat_rank, target_layer_names=targets,
+                             rank_allocation="uniform",
                              factorization="full" if kind.endswith("full") else "per_head")
     task.compile(optimizer=keras.optimizers.Adam(1e-4),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

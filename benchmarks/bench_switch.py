@@ -43,7 +43,7 @@ def build(args):
                                    name=f"block_{block}_{name}")(h)
     model = keras.Model(inputs, h)
     keras_hrp.enable_hrp(model, rank=args.rank, preheat_rank=args.preheat_rank,
-                         target_layer_names=[r"block_\d+_[qv]"])
+                         target_layer_names=[r"block_\d+_[qv]"], rank_allocation="uniform")
     model.compile(keras.optimizers.Adam(1e-3), "mse")
     return model
 

@@ -41,7 +41,7 @@ def fit(method, args, preset, data):
     timer = timing.StepTimer()  # first: its step ends before the switch runs
     callbacks = [timer]
     if method == "hrp":
-        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank)
+        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank, rank_allocation="uniform")
         callbacks.append(keras_hrp.HRPCallback(args.preheat_steps, verbose=0))
     else:
         task.backbone.enable_lora(args.rank)

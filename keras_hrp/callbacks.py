@@ -325,7 +325,11 @@ class HRPCallback(keras.callbacks.Callback):
 
     def _print_switch(self):
         report = self.report
-        ranks = sorted({f"{s.from_rank}->{s.to_rank}" for s in report.values()})
+        to_ranks = {}
+        for item in report.values():
+            to_ranks.setdefault(item.from_rank, []).append(item.to_rank)
+        ranks = [f"{start}->{min(ends)}" + (f"..{max(ends)}" if max(ends) > min(ends) else "")
+                 for start, ends in sorted(to_ranks.items())]
         energies = [s.energy for s in report.values() if not s.fallback]
         energy = sum(energies) / len(energies) if energies else float("nan")
         print(

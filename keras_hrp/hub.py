@@ -168,8 +168,9 @@ def _guard_keras_hub_file(backbone, name):
             if len(set(ranks.values())) > 1:
                 settings.fail(
                     f"{name} of '{backbone.name}'",
-                    "HRP layers have different ranks (rank=\"auto\"), and KerasHub's LoRA files "
-                    "hold one rank. Use keras_hrp.save_adapters / load_adapters",
+                    "HRP layers have different ranks (spread from their spectra), and KerasHub's "
+                    "LoRA files hold one rank. Use keras_hrp.save_adapters / load_adapters, or "
+                    "enable_hrp(..., rank_allocation=\"uniform\")",
                     ranks=ranks,
                 )
             if ranks and name == "save_lora_weights":  # the rank the file records
@@ -190,6 +191,7 @@ def enable_hrp(
     variant="classic",
     factorization="per_head",
     rank_budget=None,
+    rank_allocation="spectrum",
 ):
     """Adds High-Rank Preheating LoRA adapters to a built Keras model.
 
@@ -200,6 +202,15 @@ def enable_hrp(
     layers to `rank` exactly as it switches `HRPDense` layers. With
     `preheat_rank=None` the layers get plain rank-`rank` LoRA (phase
     `"main"`, no preheat).
+
+    By default (`rank_allocation="spectrum"`) the switch spends the
+    parameters that rank `rank` on every target layer would train, but
+    gives each layer its own rank from its preheated spectrum: this beat
+    both random-init LoRA and uniform ranks on every decoder task measured
+    (`benchmarks/results/defaults.md`). `rank_allocation="uniform"` is the
+    paper's reading, rank `rank` everywhere; KerasHub's `save_lora_weights`
+    needs it (its files hold one rank), `keras_hrp.save_adapters` and PEFT
+    export take either.
 
     The adapters' gradients come from their factors (see
     `keras_hrp.fast_lora`): no gradient the size of `W`, the same outputs
@@ -216,9 +227,11 @@ def enable_hrp(
 
     Args:
         model: a built Keras model, e.g. a KerasHub `Backbone` or `Task`.
-        rank: the LoRA rank of the main phase, or `"auto"`: per-layer ranks
-            chosen at the switch within `rank_budget` (needs a preheat;
-            `lora_alpha` is divided by the budget's mean rank, as below).
+        rank: the LoRA rank of the main phase (with
+            `rank_allocation="spectrum"`, the mean rank its parameters
+            pay for), or `"auto"`: per-layer ranks chosen at the switch
+            within `rank_budget` (needs a preheat; `lora_alpha` is divided
+            by the budget's mean rank, as below).
         preheat_rank: the rank of the preheating adapters (`> rank`), or
             `None` for plain LoRA at `rank`.
         target_layer_names: layer names or regular expressions matched
@@ -235,6 +248,12 @@ def enable_hrp(
             each layer its own rank from its preheated spectrum (at least 1,
             below its preheat rank; see `keras_hrp.rank_allocation`).
             KerasHub's `save_lora_weights` then refuses unequal ranks.
+        rank_allocation: `"spectrum"` (per-layer ranks from the preheated
+            spectra, at least 1 and below the layer's preheat rank, within
+            the parameters of rank `rank` everywhere; see
+            `keras_hrp.rank_allocation`) or `"uniform"` (rank `rank` on every
+            layer: the paper's reading). Plain LoRA (`preheat_rank=None`)
+            is uniform either way.
 
     Returns:
         The list of HRP-managed layers.
@@ -248,6 +267,10 @@ def enable_hrp(
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)
     auto = isinstance(rank, str) and rank == "auto"
+    rank_allocation = settings.choice(OWNER, "rank_allocation", rank_allocation, settings.RANK_ALLOCATIONS)
+    if auto and rank_allocation == "uniform":
+        settings.fail(OWNER, '`rank="auto"` spreads ranks: it cannot be `rank_allocation="uniform"`',
+                      rank=rank, rank_allocation=rank_allocation)
     if auto:
         rank_budget = _check_auto_rank(preheat_rank, rank_budget)
     elif rank_budget is not None:
@@ -284,7 +307,8 @@ def enable_hrp(
         layer.hrp_state = HRPState(
             rank=rank, preheat_rank=layer_rank, variant=variant,
             phase="main" if layer_rank is None else "preheat", scale=scale,
-            factorization=factorization, auto_rank=auto, rank_budget=rank_budget if auto else None,
+            factorization=factorization, auto_rank=layer_rank is not None and (auto or rank_allocation == "spectrum"),
+            rank_budget=rank_budget if auto else None,
         )
         lora.enable_adapter(
             layer, layer.hrp_state.current_rank, scale, trainable_a=variant != "asymmetric"

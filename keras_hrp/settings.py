@@ -19,6 +19,7 @@ PHASES = ("preheat", "main")
 # kernel axis but the last, e.g. one A per attention head) or standard LoRA
 # (A on the contracted input axes, B on every output axis).
 FACTORIZATIONS = ("per_head", "full")
+RANK_ALLOCATIONS = ("spectrum", "uniform")
 # How the main-rank adapter starts: the paper's reading (top directions into
 # A, B = 0) or the preheated delta truncated to rank r.
 SWITCH_INITS = ("directions", "truncated_delta")

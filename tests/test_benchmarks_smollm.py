@@ -138,3 +138,45 @@ def test_the_real_model_predicts_english_and_answers(tmp_path_factory):
     lm.compile(sampler="greedy")
     answer = lm.generate(smollm.chat_prompt("What is the capital of France?"), max_length=24, strip_prompt=True)
     assert "Paris" in answer, answer
+
+
+def _response_nll(lm, x, y, weight):
+    logits = keras.ops.convert_to_numpy(lm(x)).astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return -(np.take_along_axis(logp, y[..., None], -1)[..., 0] * weight).sum() / weight.sum()
+
+
+@pytest.mark.skipif(REAL is None, reason=f"the decoder ({smollm.PACKAGE}) is not installed")
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "tensorflow",
+                    reason="JAX and torch fine-tune the real model through the recipe (test_examples)")
+def test_a_short_real_fine_tune_lowers_the_held_out_loss_on_tensorflow(tmp_path_factory):
+    """The recipe's steps on TensorFlow: HRP on every linear layer, six steps
+    (two preheating), eagerly: tracing the 30 blocks' train, test and
+    generate functions takes minutes on 2 cores, past the CI budget."""
+    import keras_hrp
+    from common import instructions
+
+    cache = os.environ.get("KERAS_HRP_CACHE", str(tmp_path_factory.mktemp("smollm")))
+    train, _, test = instructions.split(instructions.reviews(cache), 0, val_size=0, test_size=24)
+    tokenizer = smollm.tokenizer(smollm.read_metadata())
+    x, y, weight = instructions.training_arrays(tokenizer, train, 40, 6, 4, 0)
+    test_x, test_y, test_weight, _ = instructions.encode(tokenizer, test, 40)
+    keras.utils.set_random_seed(0)
+    lm = smollm.causal_lm(cache, sequence_length=40)
+    before = _response_nll(lm, test_x, test_y, test_weight)
+    layers = keras_hrp.enable_hrp(lm.backbone, rank=8, preheat_rank=32,
+                                  target_layer_names=keras_hrp.hub.LINEAR_LAYER_NAMES["llama"])
+    budget = 8 * sum(sum(keras_hrp.lora.weight_matrix_shape(layer)) for layer in layers)
+    lm.compile(optimizer=keras.optimizers.Adam(2e-4), loss=instructions.response_loss(), run_eagerly=True)
+    callback = keras_hrp.HRPCallback(2, verbose=0)
+    keras.Model.fit(lm, x, y, sample_weight=weight, batch_size=4, callbacks=[callback], verbose=0)
+    after = _response_nll(lm, test_x, test_y, test_weight)
+    assert 3.5 < before < 5.5, before  # measured 4.32 nats/token on 175 response tokens
+    assert after < before - 0.05, (before, after)  # measured 4.18
+    assert len(callback.report) == 210 and not callback.report.fallbacks
+    ranks = [item.to_rank for item in callback.report.values()]
+    assert {item.from_rank for item in callback.report.values()} == {32}
+    assert min(ranks) >= 1 and max(ranks) <= 31 and len(set(ranks)) > 1, ranks  # spread by the spectra
+    trained = sum(int(np.prod(v.shape)) for v in lm.backbone.trainable_variables)
+    assert 0.98 * budget <= trained <= budget, (trained, budget)  # rank 8's parameters, spent unevenly

@@ -190,7 +190,7 @@ def test_full_factorization_files_load_in_stock_keras_and_back(tmp_path):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model, x, y, loss = bert_classifier(dropout=0.0)
-    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full")
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full", rank_allocation="uniform")
     model.compile(keras.optimizers.Adam(3e-3), loss=loss)
     keras.Model.fit(model, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     expected = model.predict(x, verbose=0)

@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,10 @@ def test_short_real_run(tmp_path, capsys):
     assert set(rows) == {"random", "hrp"}
     for _, accuracy, loss, seconds, params in rows.values():
         assert 0.0 <= float(accuracy) <= 1.0 and math.isfinite(float(loss)) and float(seconds) > 0
-    assert rows["random"][4] == rows["hrp"][4]  # same trainable count after the switch
-    assert "switched 12 layers (rank 32->8) at step 4" in out
+    random_params, hrp_params = (int(rows[m][4].replace(",", "")) for m in ("random", "hrp"))
+    assert 0.95 * random_params <= hrp_params <= random_params  # rank 8's budget, spread by the spectra
+    switch = re.search(r"switched 12 layers \(rank 32->(\d+)(?:\.\.(\d+))?\) at step 4", out)
+    assert switch and 1 <= int(switch[1]) <= int(switch[2] or switch[1]) <= 31, out
     assert "768 training / 300 test examples" in out
     assert os.path.getsize(os.path.join(tmp_path, "finetune_minilm_loss.png")) > 10_000
 
@@ -66,11 +69,12 @@ def test_decoder_recipe_short_real_run(tmp_path, capsys):
     base, hrp = float(rows["base"][1]), float(rows["hrp"][1])
     assert 3.5 < base < 5.5, base  # the pretrained model's response loss, nats/token (measured 4.5)
     assert hrp < base - 0.05, (base, hrp)  # six steps of real fine-tuning lower the held-out loss
-    assert "switched 210 layers (rank 32->8) at step 2" in out
+    switch = re.search(r"switched 210 layers \(rank 32->(\d+)\.\.(\d+)\) at step 2", out)
+    assert switch and 1 <= int(switch[1]) < int(switch[2]) <= 31, out  # spread by the spectra
     # Stock EinsumDense LoRA's shapes, rank 8: a = kernel[:-1] + (8,), b = (8, kernel[-1]), 30 blocks.
     h, ffn, r = 576, 1536, 8
     stock = (h * 9 * r + r * 64) + 2 * (h * 3 * r + r * 64) + (9 * 64 * r + r * h) + 2 * (h + ffn) * r + (ffn + h) * r
-    assert int(rows["hrp"][-1].replace(",", "")) == 30 * stock  # after the switch
+    assert 0.98 * 30 * stock <= int(rows["hrp"][-1].replace(",", "")) <= 30 * stock  # rank 8's budget, spread
     assert "task reviews; 6 steps x 4" in out
     answers = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith(("  base", "  hrp"))]
     assert len(answers) == 2 and all(len(answer) > 2 for answer in answers), answers

@@ -64,7 +64,8 @@ def test_regex_over_paths():
 def test_switch_on_einsum_and_embedding(jit_compile):
     x, y = _data()
     model = _attention_model()
-    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "embed"])
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=["query", "value", "embed"],
+                         rank_allocation="uniform")
     model.get_layer("head").trainable = True
     model.compile(keras.optimizers.Adam(2e-3), logits_loss(), jit_compile=jit_compile)
     before = model.predict(x, verbose=0)
@@ -262,7 +263,40 @@ def test_auto_rank_spends_the_budget_where_the_spectrum_is_flat(tmp_path):
     assert {layer.name: layer.lora_rank for layer in keras_hrp.hrp_layers(fresh)} == ranks
 
 
+def _switched_ranks(**kwargs):
+    """Ranks after a switch from a rank-1 preheated query and flat value / ffn deltas."""
+    keras.utils.set_random_seed(0)
+    model = _attention_model()
+    layers = keras_hrp.enable_hrp(model, preheat_rank=8, target_layer_names=["query", "value", "ffn"],
+                                  factorization="full", **kwargs)
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        b = lora.lora_factors(layer)[1]
+        b_value = rng.normal(size=b.shape).astype("float32")
+        if layer.name == "query":
+            b_value[1:] = 0.0
+        b.assign(b_value)
+    keras_hrp.switch_to_main(model)
+    return {layer.name: layer.lora_rank for layer in layers}, layers
+
+
+def test_by_default_rank_r_parameters_are_spread_like_auto_with_that_budget():
+    spread, layers = _switched_ranks(rank=2)
+    assert all(layer.hrp_state.auto_rank and layer.hrp_state.rank_budget is None for layer in layers)
+    per_rank = sum(sum(lora.weight_matrix_shape(layer)) for layer in layers)
+    auto, _ = _switched_ranks(rank="auto", rank_budget=2 * per_rank)
+    assert spread == auto and spread["query"] == 1 and spread["value"] + spread["ffn"] > 4
+    uniform, layers = _switched_ranks(rank=2, rank_allocation="uniform")
+    assert uniform == {"query": 2, "value": 2, "ffn": 2} and not any(l.hrp_state.auto_rank for l in layers)
+    plain = keras_hrp.enable_hrp(_attention_model(), 2)  # no preheat: no spectrum to spread by
+    assert all(layer.lora_rank == 2 and not layer.hrp_state.auto_rank for layer in plain)
+
+
 @pytest.mark.parametrize("kwargs,message", [
+    ({"rank": 2, "preheat_rank": 8, "rank_allocation": "even"},
+     "enable_hrp: `rank_allocation` must be one of \\('spectrum', 'uniform'\\).*rank_allocation='even'"),
+    ({"rank": "auto", "preheat_rank": 8, "rank_budget": 10**6, "rank_allocation": "uniform"},
+     '`rank="auto"` spreads ranks: it cannot be `rank_allocation="uniform"`.*rank_allocation=\'uniform\''),
     ({"rank": "auto", "rank_budget": 10**6}, '`rank="auto"` chooses ranks from a preheat.*preheat_rank=None'),
     ({"rank": "auto", "preheat_rank": 8}, '`rank="auto"` needs `rank_budget`.*rank_budget=None'),
     ({"rank": "auto", "preheat_rank": 8, "rank_budget": 10}, "cover rank 1 on every target layer.*rank_budget=10"),

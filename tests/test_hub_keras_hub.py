@@ -35,7 +35,7 @@ class _Probe(keras.callbacks.Callback):
 )
 def test_hrp_on_keras_hub_task(make):
     task, x, y, loss = make()
-    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, rank_allocation="uniform")
     assert len(layers) == 4 and {l.name for l in layers} == {"query", "value"}
     assert all(layer.lora_rank == 6 for layer in layers)
     backbone_trainable = [v.path for v in task.backbone.trainable_variables]
@@ -186,7 +186,7 @@ def test_full_factorization_on_gemma_every_linear_layer(tmp_path):
     task, x, y, loss = gemma_causal_lm()
     base = {v.path: numpy_of(v) for v in task.weights}
     layers = keras_hrp.enable_hrp(task, rank=2, preheat_rank=12, target_layer_names=names,
-                                  factorization="full")
+                                  factorization="full", rank_allocation="uniform")
     query = next(layer for layer in layers if layer.name == "query")
     assert tuple(query.lora_kernel_a.shape) == (16, 12) and tuple(query.lora_kernel_b.shape) == (12, 16)
     task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
@@ -220,5 +220,5 @@ def test_keras_hub_lora_files_refuse_unequal_auto_ranks(tmp_path):
         b.assign(value * (np.arange(6)[:, None] < 1) if i == 0 else value)  # one rank-1 delta
     keras_hrp.switch_to_main(task)
     assert len({layer.lora_rank for layer in layers}) > 1
-    with pytest.raises(ValueError, match='save_lora_weights of .*different ranks \\(rank="auto"\\).*ranks=\\{'):
+    with pytest.raises(ValueError, match='save_lora_weights of .*different ranks \\(spread from their spectra\\).*ranks=\\{'):
         task.backbone.save_lora_weights(str(tmp_path / "hub.lora.h5"))
