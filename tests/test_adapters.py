@@ -24,7 +24,7 @@ def _trained(tmp_path):
     model = tiny_model()
     base = os.path.join(tmp_path, "base.weights.h5")
     model.save_weights(base)
-    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=TARGETS)
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=6, target_layer_names=TARGETS, rank_allocation="uniform")
     x = np.random.default_rng(0).integers(0, 100, size=(64, 12)).astype("int32")
     model.compile(keras.optimizers.Adam(3e-3), logits_loss())
     model.fit(x, x[:, 0] % 3, batch_size=16, epochs=2, verbose=0,

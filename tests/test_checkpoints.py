@@ -131,6 +131,7 @@ def saved(tmp_path_factory):
         "expected": model.predict(x, verbose=0),
         "iterations": int(numpy_of(model.optimizer.iterations)),
         "paths": sorted(layer.path for layer in keras_hrp.hrp_layers(model)),
+        "ranks": {layer.path: layer.lora_rank for layer in keras_hrp.hrp_layers(model)},
         "trainable": sorted(v.path for v in model.trainable_variables),
     }
     keras.Model.fit(model, x, y, batch_size=16, epochs=1, verbose=0)
@@ -212,7 +213,8 @@ def test_load_model_restores_lora_state_and_freezing(saved):
     restored = keras_hrp.load_model(path)
     layers = keras_hrp.hrp_layers(restored)
     assert sorted(layer.path for layer in layers) == saved["paths"]
-    assert all(layer.hrp_state.phase == "main" and layer.lora_rank == 2 for layer in layers)
+    assert all(layer.hrp_state.phase == "main" for layer in layers)
+    assert {layer.path: layer.lora_rank for layer in layers} == saved["ranks"]  # as the switch chose them
     for path_, value in _frozen_of(restored).items():  # the frozen base, exactly
         np.testing.assert_array_equal(value, saved["frozen"][path_])
     assert sorted(v.path for v in restored.trainable_variables) == saved["trainable"]
@@ -277,6 +279,21 @@ def test_auto_rank_resumes_in_a_new_process(tmp_path):
     for resumed in (preheat, main):
         _assert_same_run(resumed, reference, frozen)
     assert preheat["switch_step"] == 6 and main["switch_step"] is None
+
+
+def test_the_default_preheat_length_resumes_in_a_new_process(tmp_path):
+    """`HRPCallback()`'s default, a tenth of the fit's planned updates (20
+    here: 2), is the same in the resumed fit, so it does not preheat again."""
+    base, frozen = _pretrained("hub", tmp_path)
+    common = {"kind": "hub", "base": base, "preheat": None}
+    reference = resume_worker.run(common)
+    assert reference["switch_step"] == 2 and not reference["fallbacks"]
+    spec = {**common, "order": "hrp_first", "backup_dir": os.path.join(tmp_path, "backup"),
+            "out": os.path.join(tmp_path, "main.npz")}
+    assert resume_worker.run({**spec, "interrupt_at": 14}) is None
+    (resumed,) = _in_new_process([spec], tmp_path)
+    _assert_same_run(resumed, reference, frozen)
+    assert resumed["switch_step"] is None
 
 
 def test_auto_preheat_resumes_its_checks_in_a_new_process(tmp_path):

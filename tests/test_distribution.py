@@ -106,7 +106,7 @@ def _specs(model):
 # (heads, hidden, head_dim) kernels, and the standard ones (A: hidden x r,
 # B: r x heads * head_dim) with ranks chosen at the switch.
 PARALLEL = {
-    "per_head": ({"rank": 2}, ("model", None, None), (None, "model")),
+    "per_head": ({"rank": 2, "rank_allocation": "uniform"}, ("model", None, None), (None, "model")),
     "full, rank auto": ({"rank": "auto", "rank_budget": 2 * 4 * 32, "factorization": "full"},
                         ("model", None), (None, "model")),
 }

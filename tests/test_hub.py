@@ -195,7 +195,7 @@ def test_full_factorization_weights_round_trip(tmp_path):
     x, y = _data()
     model = _attention_model()
     base = [numpy_of(v) for v in model.weights]
-    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full")
+    keras_hrp.enable_hrp(model, rank=2, preheat_rank=12, factorization="full", rank_allocation="uniform")
     model.compile("adam", logits_loss())
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
     before = model.predict(x, verbose=0)
@@ -203,7 +203,7 @@ def test_full_factorization_weights_round_trip(tmp_path):
     model.save_weights(path)
     fresh = _attention_model()
     fresh.set_weights(base)
-    keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=12, factorization="full")
+    keras_hrp.enable_hrp(fresh, rank=2, preheat_rank=12, factorization="full", rank_allocation="uniform")
     fresh.compile("adam", logits_loss())
     fresh.load_weights(path)
     query = fresh.get_layer("mha").query_dense

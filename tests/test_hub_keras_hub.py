@@ -55,7 +55,7 @@ def test_hrp_on_keras_hub_task(make):
 
 def test_task_fit_with_tf_data_pipeline():
     task, x, y, loss = bert_classifier()
-    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, rank_allocation="uniform")
     task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
     hrp = keras_hrp.HRPCallback(2, verbose=0)
     task.fit(x=x, y=y, batch_size=16, epochs=1, callbacks=[hrp], verbose=0)
@@ -65,7 +65,7 @@ def test_task_fit_with_tf_data_pipeline():
 def test_keras_hub_lora_weights_round_trip_after_switch(tmp_path):
     task, x, y, loss = bert_classifier()
     base = task.backbone.get_weights()
-    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, rank_allocation="uniform")
     task.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
     keras.Model.fit(task, x, y, batch_size=16, epochs=2, verbose=0,
                     callbacks=[keras_hrp.HRPCallback(2, verbose=0)])
@@ -130,7 +130,7 @@ def test_generate_after_the_switch_uses_the_current_adapters():
 
 def test_keras_hub_lora_files_refused_while_preheating(tmp_path):
     task, x, y, loss = bert_classifier()
-    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6)
+    keras_hrp.enable_hrp(task, rank=2, preheat_rank=6, rank_allocation="uniform")
     path = os.path.join(tmp_path, "pre.lora.h5")
     with pytest.raises(ValueError, match="save_lora_weights of 'bert_backbone.*': HRP layers are still preheating.*preheating=\\["):
         task.backbone.save_lora_weights(path)
