@@ -1,6 +1,6 @@
 """HRP's whole run against random-init LoRA's, broken down into phases.
 
-The `make demo` setting (all-MiniLM-L6-v2 on movie-review sentiment, LoRA
+The classifier recipe's setting (`make minilm`: all-MiniLM-L6-v2 on movie-review sentiment, LoRA
 rank 8 on q/v, 200 steps of 32 x 48 tokens; HRP: 20 steps at rank 32, then
 the switch) fitted with random-init LoRA (KerasHub's `enable_lora`) and with
 HRP (`enable_hrp` + `HRPCallback`), alternating their order every repeat.
