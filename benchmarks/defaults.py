@@ -107,7 +107,9 @@ def lm_evidence(folder):
             continue
         tests = {m: v["test"] for m, v in methods.items()}
         cells = {c: tests[m] for c, (m, _) in CANDIDATES.items() if m in tests}
-        lrs = "untuned lr" if len(setting["lrs"]) == 1 else "lr tuned per method"
+        grid = ", ".join(f"{lr:g}" for lr in setting["lrs"])
+        lrs = (f"lr per method on validation ({grid})" if len(setting["lrs"]) > 1
+               else f"lr {grid}" + (" (untuned)" if setting["lrs"][0] <= 1e-4 else ""))
         out.append((f"SmolLM2 {setting['task']}; r {setting['rank']}, {setting['targets']} linear, {lrs} "
                     f"([{name}]({name}.md))", "nats/token", pooled_std(tests), tests[BASELINE], cells, -1,
                     f"SmolLM2 {setting['task']}"))

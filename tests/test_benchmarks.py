@@ -238,6 +238,7 @@ def test_defaults_rule_skips_a_candidate_worse_on_one_task(tmp_path):
     assert defaults.main(["--out", str(tmp_path)]) == 0
     text = open(os.path.join(tmp_path, "defaults.md")).read()
     assert "+5.000 ± 0.816 (3)" in text and "-0.030 ± 0.008 (3) **worse**" in text
+    assert "SmolLM2 reviews; r 8, all linear, lr 0.0001 (untuned) ([lm_jax_reviews]" in text
     assert f"Chosen by the rule: **{paper}**" in text
 
 
