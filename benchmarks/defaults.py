@@ -8,7 +8,8 @@ measured it (`bench_quality.py`'s MiniLM tasks and its ablation runs,
 MiniLM, nats/token of held-out NLL (lower is better, so the sign is
 flipped) on the decoder. The rule: the default is the candidate with the best
 mean improvement, in units of each setting's seed-to-seed std (pooled over
-its methods, so the tasks' units compare), among those measured on every
+random-init LoRA and the candidates, so the tasks' units compare and other
+methods' runs do not move them), among those measured on every
 task (a task: one dataset and objective, whatever its LoRA setting) and
 never worse than random-init LoRA by more than two standard errors there.
 
@@ -67,7 +68,8 @@ def _variant_tests(runs, baseline_keys, options, lr):
 
 
 def pooled_std(methods):
-    """The seed-to-seed std of a setting, pooled over its methods with 2+ seeds."""
+    """The seed-to-seed std of a setting, pooled over `methods` with 2+ seeds:
+    the baseline and the candidates, so other methods' runs do not move it."""
     variances = [np.var(v, ddof=1) for v in methods.values() if len(v) > 1]
     return float(np.sqrt(np.mean(variances))) if variances else None
 
@@ -88,7 +90,8 @@ def quality_evidence(folder):
                 cells[candidate] = [100 * v for v in values]
         task, lora = quality_summary.describe(setting)
         tests = {m: [100 * v for v in item["test"]] for m, item in methods.items()}
-        out.append((f"MiniLM {task}; {lora} ([{name}]({name}.md))", "points", pooled_std(tests),
+        out.append((f"MiniLM {task}; {lora} ([{name}]({name}.md))", "points",
+                    pooled_std({BASELINE: tests[BASELINE], **cells}),
                     tests[BASELINE], cells, +1, f"MiniLM {task}"))
     return out
 
@@ -111,7 +114,8 @@ def lm_evidence(folder):
         lrs = (f"lr per method on validation ({grid})" if len(setting["lrs"]) > 1
                else f"lr {grid}" + (" (untuned)" if setting["lrs"][0] <= 1e-4 else ""))
         out.append((f"SmolLM2 {setting['task']}; r {setting['rank']}, {setting['targets']} linear, {lrs} "
-                    f"([{name}]({name}.md))", "nats/token", pooled_std(tests), tests[BASELINE], cells, -1,
+                    f"([{name}]({name}.md))", "nats/token",
+                    pooled_std({BASELINE: tests[BASELINE], **cells}), tests[BASELINE], cells, -1,
                     f"SmolLM2 {setting['task']}"))
     return out
 
@@ -162,7 +166,7 @@ def write_markdown(evidence, summary, chosen, path):
         "Improvement over random-init LoRA (`keras`) ± its standard error (seeds in brackets): test accuracy "
         "points on MiniLM, held-out NLL nats/token on SmolLM2 with the sign flipped, so positive is better "
         "everywhere. **worse**: below random-init LoRA by more than two standard errors. A blank cell: that "
-        "setting did not run the candidate. Std: the setting's seed-to-seed std, pooled over its methods.",
+        "setting did not run the candidate. Std: the setting's seed-to-seed std, pooled over random-init LoRA and the candidates.",
         "",
         "| setting | unit | std | " + " | ".join(names) + " |",
         "|---|---|---|" + "---|" * len(names),
