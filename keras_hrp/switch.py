@@ -19,9 +19,9 @@ from keras_hrp import internals
 from keras_hrp import lora
 from keras_hrp import settings
 from keras_hrp import spectra
+from keras_hrp.initializers import directions_from_svd
 from keras_hrp.initializers import expected_norm
-from keras_hrp.initializers import preheated_a
-from keras_hrp.initializers import preheated_factors
+from keras_hrp.initializers import truncated_from_svd
 from keras_hrp.linalg import svd_of_product
 from keras_hrp.rank_allocation import allocate_ranks
 from keras_hrp.schedules import LinearWarmup
@@ -142,55 +142,64 @@ class SwitchReport(dict):
         return "\n".join(lines)
 
 
-def _decompose(a, b, rank, norm, init):
-    """Pure: `(new_a, new_b, singular_values, energy)` from a preheated `a @ b`."""
-    if init == "directions":
-        new_a, s, energy = preheated_a(a, b, rank, norm)
-        return new_a, ops.zeros((rank, b.shape[1]), dtype="float32"), s, energy
-    return preheated_factors(a, b, rank)
-
-
 @functools.cache
-def _compiled_decompose():
-    """`_decompose`, on JAX compiled once per shape: one XLA program instead of
-    one per operation (a 64-layer switch compiled 40 small programs, 42 MiB)."""
+def _compiled_svd():
+    """`svd_of_product`, on JAX compiled once per factor shape (every rank
+    after it is slicing): a switch of 210 layers at 19 different ranks
+    compiled 144 programs (20 of its 29 s) while the rank was inside."""
     if keras.backend.backend() == "jax":
         import jax
 
-        return jax.jit(_decompose, static_argnames=("rank", "norm", "init"))
-    return _decompose
+        return jax.jit(svd_of_product)
+    return svd_of_product
 
 
-def _new_factors(layer, a, b, rank, norm, init):
-    """`(A, B)` at `rank` and the report, or a reason to fall back."""
-    scale = abs(lora.lora_scale(layer))
-    if not bool(ops.all(ops.isfinite(a))) or not bool(ops.all(ops.isfinite(b))):
-        return None, None, None, None, "non-finite preheated adapter"
+def _factor_dims(layer):
+    """`(m, n, R)`: the adapter as an `(m, R) @ (R, n)` product."""
+    a, b = lora.lora_factors(layer)
+    return int(np.prod(a.shape)) // b.shape[0], b.shape[1], b.shape[0]
+
+
+def _preheated_svd(layer):
+    """`(u, s, v)` of the layer's preheated `A @ B` as numpy, or why not."""
+    a, b = (ops.convert_to_numpy(x) for x in lora.factor_matrices(layer))
+    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        return "non-finite preheated adapter"
     try:
-        new_a, new_b, s, energy = _compiled_decompose()(a, b, rank=rank, norm=norm, init=init)
+        return tuple(ops.convert_to_numpy(x) for x in _compiled_svd()(a, b))
     except Exception as error:  # a failed SVD must not kill the run
-        return None, None, None, None, f"SVD failed: {error}"
-    s = ops.convert_to_numpy(s) * scale
-    finite = bool(ops.all(ops.isfinite(new_a))) and bool(ops.all(ops.isfinite(new_b)))
-    if not np.all(np.isfinite(s)) or not finite:
+        return f"SVD failed: {error}"
+
+
+def _new_factors(layer, svd, rank, norm, init):
+    """`(A, B)` at `rank` and the report, or a reason to fall back."""
+    if isinstance(svd, str):
+        return None, None, None, None, svd
+    u, s, v = svd
+    s = s * abs(lora.lora_scale(layer))
+    if not np.all(np.isfinite(s)) or not np.all(np.isfinite(u)) or not np.all(np.isfinite(v)):
         return None, None, s, None, "non-finite SVD result"
     if s[0] == 0.0:
         return None, None, s, None, "preheated delta is zero"
-    return new_a, new_b, s, float(energy), None
+    if init == "directions":
+        new_a, energy = directions_from_svd(u, s, rank, norm)
+        new_b = np.zeros((rank, v.shape[0]), "float32")
+    else:
+        new_a, new_b, energy = truncated_from_svd(u, svd[1], v, rank)
+    return new_a, new_b, s, energy, None
 
 
-def _switch_layer(layer, init):
+def _switch_layer(layer, init, svd):
     state = layer.hrp_state
     rank = state.rank
-    a, b = lora.factor_matrices(layer)
-    from_rank = b.shape[0]
     a_shape = lora.a_shape_at_rank(layer, rank)
+    m, n, from_rank = _factor_dims(layer)
     norm = expected_norm(lora.DEFAULT_A_INITIALIZER, a_shape)
-    new_a, new_b, s, energy, fallback = _new_factors(layer, a, b, rank, norm, init)
+    new_a, new_b, s, energy, fallback = _new_factors(layer, svd, rank, norm, init)
     if fallback:
         initializer = keras.initializers.get(lora.DEFAULT_A_INITIALIZER)
         new_a = initializer(a_shape, dtype="float32")
-        new_b = ops.zeros((rank, b.shape[1]), dtype="float32")
+        new_b = ops.zeros((rank, n), dtype="float32")
         warnings.warn(
             f"HRP switch: layer '{layer.path}' falls back to a random rank-{rank} "
             f"init ({fallback}).",
@@ -199,32 +208,29 @@ def _switch_layer(layer, init):
     lora.replace_factors(layer, new_a, new_b, trainable_a=state.variant != "asymmetric")
     state.phase = "main"
     if s is None:
-        s = np.full((min(a.shape[0], b.shape[1], from_rank),), np.nan, "float32")
+        s = np.full((min(m, n, from_rank),), np.nan, "float32")
     return LayerSwitch(s, np.nan if energy is None else energy, from_rank, rank, fallback)
 
 
-def _allocate_ranks(layers):
-    """Sets each `auto_rank` layer's main rank from its preheated spectrum,
-    within the layers' `rank_budget` (or the parameters their nominal ranks
-    would train; see `keras_hrp.rank_allocation`). A layer without a finite
-    spectrum keeps its nominal rank, paid from the budget first (and falls
-    back in `_switch_layer`)."""
+def _allocate_ranks(layers, svds):
+    """Sets each `auto_rank` layer's main rank from its preheated spectrum
+    (`svds[layer]`), within the layers' `rank_budget` (or the parameters
+    their nominal ranks would train; see `keras_hrp.rank_allocation`). A
+    layer without a finite spectrum keeps its nominal rank, paid from the
+    budget first (and falls back in `_switch_layer`)."""
     chosen, spectra_, costs, tops, budget = [], [], [], [], 0
     total = next((layer.hrp_state.rank_budget for layer in layers if layer.hrp_state.rank_budget), None)
     for layer in layers:
-        a, b = lora.factor_matrices(layer)
-        try:
-            s = ops.convert_to_numpy(svd_of_product(a, b)[1])
-        except Exception:  # reported by the layer's own switch
-            s = np.array([np.nan])
-        state, cost = layer.hrp_state, a.shape[0] + b.shape[1]
-        if not np.all(np.isfinite(s)):
+        svd, state = svds[layer], layer.hrp_state
+        m, n, _ = _factor_dims(layer)
+        cost = m + n
+        if isinstance(svd, str) or not np.all(np.isfinite(svd[1])):
             total = None if total is None else total - state.rank * cost
             continue
         chosen.append(layer)
-        spectra_.append(s)
+        spectra_.append(svd[1])
         costs.append(cost)
-        tops.append(min(state.preheat_rank - 1, a.shape[0], b.shape[1]))
+        tops.append(min(state.preheat_rank - 1, m, n))
         budget += state.rank * cost
     budget = budget if total is None else total
     for layer, rank in zip(chosen, allocate_ranks(spectra_, costs, budget, tops)):
@@ -338,10 +344,11 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
         )
     run_state(model).count_updates(model)
     report = SwitchReport()
-    _allocate_ranks([layer for layer in layers if layer.hrp_state.auto_rank])
+    svds = {layer: _preheated_svd(layer) for layer in layers}
+    _allocate_ranks([layer for layer in layers if layer.hrp_state.auto_rank], svds)
     with internals.distribution_scope(model):
         for layer in layers:
-            report[layer.path] = _switch_layer(layer, init)
+            report[layer.path] = _switch_layer(layer, init, svds[layer])
     if snapshot is not None:
         snapshot.restore()
     internals.retrack_torch_params(

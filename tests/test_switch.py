@@ -147,6 +147,30 @@ def test_zero_delta_falls_back():
     assert len(report.fallbacks) == 2
 
 
+def test_failed_svd_falls_back_on_that_layer_only(monkeypatch):
+    from keras_hrp import switch
+
+    model = _compiled()
+    for name in ("hrp_1", "hrp_2"):
+        model.get_layer(name).lora_kernel_b.assign(np.ones((12, 24), "float32"))
+    svd = switch._compiled_svd()
+    calls = []
+
+    def failing_once(a, b):
+        calls.append(a.shape)
+        if len(calls) == 2:
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return svd(a, b)
+
+    monkeypatch.setattr(switch, "_compiled_svd", lambda: failing_once)
+    with pytest.warns(UserWarning, match="'hrp_2'.*falls back.*SVD failed: SVD did not converge"):
+        report = keras_hrp.switch_to_main(model)
+    assert len(calls) == 2  # one decomposition per layer
+    assert report.fallbacks == {model.get_layer("hrp_2").path: "SVD failed: SVD did not converge"}
+    assert report[model.get_layer("hrp_1").path].to_rank == 4 and np.isnan(report[model.get_layer("hrp_2").path].energy)
+    assert numpy_of(model.get_layer("hrp_2").lora_kernel_a).shape == (24, 4)
+
+
 def test_switch_errors_without_preheating_layers():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="plain")
     with pytest.raises(ValueError, match="'plain'.*no HRP layer.*phases=\\[\\]"):
