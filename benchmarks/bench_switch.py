@@ -9,7 +9,14 @@ during it is measured above the memory before it (Linux `VmHWM`, reset just
 before the switch): the switch works on the factors only, so the target is
 less than one frozen matrix.
 
-    KERAS_BACKEND=jax python benchmarks/bench_switch.py [--quick]
+`--model smollm`: the 210 linear layers of SmolLM2-135M's shapes (a KerasHub
+Llama3 backbone with random weights, built from the embedded GGUF's
+metadata) under the library's default `enable_hrp(rank=8, preheat_rank=32)`,
+whose ranks the preheated spectra spread; each preheated `B` is set to a
+random matrix with a decaying spectrum instead of trained, and only the
+switch is timed.
+
+    KERAS_BACKEND=jax python benchmarks/bench_switch.py [--quick] [--model smollm]
 """
 
 import argparse
@@ -48,6 +55,42 @@ def build(args):
     return model
 
 
+def switch_smollm(args):
+    """The switch of the decoder's 210 layers at spread ranks (see above)."""
+    import keras_hub
+
+    from common import smollm
+
+    backend = keras.backend.backend()
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Llama3Backbone(**smollm.backbone_arguments(smollm.read_metadata()))
+    layers = keras_hrp.enable_hrp(backbone, rank=8, preheat_rank=32,
+                                  target_layer_names=keras_hrp.hub.LINEAR_LAYER_NAMES["llama"])
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        b = layer.lora_kernel_b
+        decay = 0.8 ** np.arange(b.shape[0])[:, None] * (1 + rng.random())
+        b.assign((rng.standard_normal(b.shape) * decay).astype("float32"))
+    report = keras_hrp.switch_to_main(backbone)
+    ranks = [item.to_rank for item in report.values()]
+    assert len(report) == 210 and not report.fallbacks
+    lines = [
+        f"# The switch of SmolLM2-135M's 210 linear layers at spread ranks, backend `{backend}`",
+        "",
+        f"`KERAS_BACKEND={backend} python benchmarks/bench_switch.py --model smollm`; "
+        f"{timing.machine(backend, keras.__version__)}. Random weights of the real shapes; "
+        "`enable_hrp(rank=8, preheat_rank=32)` (ranks spread by the spectra, the default); preheated `B` "
+        "random with a decaying spectrum.",
+        "",
+        "| switch wall time (s) | per layer (ms) | ranks | distinct ranks |",
+        "|---|---|---|---|",
+        f"| **{report.seconds:.2f}** | {report.seconds / len(report) * 1e3:.1f} | {min(ranks)}..{max(ranks)} "
+        f"| {len(set(ranks))} |",
+        "",
+    ]
+    return lines, f"switch_smollm_{backend}.md"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 blocks of 1024")
@@ -56,10 +99,15 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preheat-rank", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", help="the frozen weights' dtype")
+    parser.add_argument("--model", choices=["chain", "smollm"], default="chain",
+                        help="the 7B-shaped chain, or the real decoder's shapes at spread ranks")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.blocks, args.width = 8, 1024
+    if args.model == "smollm":
+        lines, name = switch_smollm(args)
+        return _write(lines, args.out, name)
     backend = keras.backend.backend()
 
     start = time.perf_counter()
@@ -103,9 +151,12 @@ def main(argv=None):
         "released, once, after the last layer; the fresh optimizer's slots come after that release.",
         "",
     ]
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"switch_{backend}{'_quick' if args.quick else ''}.md")
-    with open(path, "w") as f:
+    return _write(lines, args.out, f"switch_{backend}{'_quick' if args.quick else ''}.md")
+
+
+def _write(lines, out, name):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
     return 0
