@@ -55,7 +55,7 @@ def build(args):
     return model
 
 
-def switch_smollm(args):
+def switch_smollm():
     """The switch of the decoder's 210 layers at spread ranks (see above)."""
     import keras_hub
 
@@ -106,7 +106,7 @@ def main(argv=None):
     if args.quick:
         args.blocks, args.width = 8, 1024
     if args.model == "smollm":
-        lines, name = switch_smollm(args)
+        lines, name = switch_smollm()
         return _write(lines, args.out, name)
     backend = keras.backend.backend()
 

@@ -176,17 +176,17 @@ def _new_factors(layer, svd, rank, norm, init):
     if isinstance(svd, str):
         return None, None, None, None, svd
     u, s, v = svd
-    s = s * abs(lora.lora_scale(layer))
-    if not np.all(np.isfinite(s)) or not np.all(np.isfinite(u)) or not np.all(np.isfinite(v)):
-        return None, None, s, None, "non-finite SVD result"
-    if s[0] == 0.0:
-        return None, None, s, None, "preheated delta is zero"
+    scaled = s * abs(lora.lora_scale(layer))  # the delta's singular values, for the report
+    if not np.all(np.isfinite(scaled)) or not np.all(np.isfinite(u)) or not np.all(np.isfinite(v)):
+        return None, None, scaled, None, "non-finite SVD result"
+    if scaled[0] == 0.0:
+        return None, None, scaled, None, "preheated delta is zero"
     if init == "directions":
         new_a, energy = directions_from_svd(u, s, rank, norm)
         new_b = np.zeros((rank, v.shape[0]), "float32")
     else:
-        new_a, new_b, energy = truncated_from_svd(u, svd[1], v, rank)
-    return new_a, new_b, s, energy, None
+        new_a, new_b, energy = truncated_from_svd(u, s, v, rank)
+    return new_a, new_b, scaled, energy, None
 
 
 def _switch_layer(layer, init, svd):
