@@ -1,15 +1,19 @@
 """HRP's whole run against random-init LoRA's, broken down into phases.
 
-The classifier recipe's setting (`make minilm`: all-MiniLM-L6-v2 on movie-review sentiment, LoRA
-rank 8 on q/v, 200 steps of 32 x 48 tokens; HRP: 20 steps at rank 32, then
-the switch) fitted with random-init LoRA (KerasHub's `enable_lora`) and with
-HRP (`enable_hrp` + `HRPCallback`), alternating their order every repeat.
+One recipe's setting fitted with random-init LoRA (KerasHub's `enable_lora`)
+and with HRP (`enable_hrp` + `HRPCallback`), alternating their order every
+repeat. `--model minilm`: the classifier recipe (`make minilm`:
+all-MiniLM-L6-v2 on movie-review sentiment, LoRA rank 8 on q/v, 200 steps of
+32 x 48 tokens; HRP: 20 steps at rank 32 with rank 8 everywhere after).
+`--model smollm`: the decoder recipe (`make demo`: SmolLM2-135M-Instruct on
+`reviews`, rank 8 on every linear layer, 80 steps of 8 x 64 tokens; HRP: 10
+steps at rank 32, ranks spread by the preheated spectra, the default).
 Each fit's wall time is split by per-step timers into: compiling (the first
 step, and HRP's first step after the switch, above the median step), the
 preheat steps, the switch (`report.seconds`), the main-phase steps, and the
 rest of `fit` (set-up, callbacks, data). Medians over the repeats.
 
-    KERAS_BACKEND=jax python benchmarks/bench_wholerun.py [--quick]
+    KERAS_BACKEND=jax python benchmarks/bench_wholerun.py [--model smollm] [--quick]
 """
 
 import argparse
@@ -26,29 +30,69 @@ import numpy as np  # noqa: E402
 
 import keras_hrp  # noqa: E402
 
+from common import instructions  # noqa: E402
 from common import recipe  # noqa: E402
+from common import smollm  # noqa: E402
 from common import timing  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PHASES = ("compile", "preheat steps", "switch", "main steps", "rest of fit")
+# model -> its recipe's defaults: steps, preheat steps, batch size, tokens, repeats
+SETTINGS = {"minilm": (200, 20, 32, 48, 3), "smollm": (80, 10, 8, 64, 1)}
+MODELS = {"minilm": "all-MiniLM-L6-v2 on movie-review sentiment",
+          "smollm": "SmolLM2-135M-Instruct on `reviews` (the decoder recipe, `make demo`)"}
+TARGETS = {"minilm": "q/v", "smollm": "every linear layer of the 30 blocks"}
+ALLOCATION = {"minilm": "rank 8 everywhere", "smollm": "ranks spread by the preheated spectra, the default"}
 
 
-def fit(method, args, preset, data):
+def prepare(args):
+    """`(build(method) -> compiled model, fit arrays)` for `args.model`'s recipe."""
+    if args.model == "smollm":
+        train, _, _ = instructions.split(instructions.reviews(args.cache), 0, val_size=0, test_size=256)
+        tokenizer = smollm.tokenizer(smollm.read_metadata())
+        x, y, weight = instructions.training_arrays(tokenizer, train, args.seq_len, args.steps, args.batch_size, 0)
+
+        def build(method):
+            lm = smollm.causal_lm(args.cache, sequence_length=args.seq_len)
+            targets = keras_hrp.hub.LINEAR_LAYER_NAMES["llama"]
+            if method == "hrp":
+                keras_hrp.enable_hrp(lm.backbone, rank=args.rank, preheat_rank=args.preheat_rank,
+                                     target_layer_names=targets)
+            else:
+                lm.backbone.enable_lora(args.rank, target_layer_names=targets)
+            lm.compile(optimizer=keras.optimizers.Adam(2e-4), loss=instructions.response_loss())
+            return lm
+
+        return build, {"x": x, "y": y, "sample_weight": weight}
+    preset = recipe.default_preset()
+    texts, labels = recipe.movie_reviews(args.cache)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
+    order = np.resize(np.random.default_rng(0).permutation(len(texts)), args.steps * args.batch_size)
+    x, y = recipe.encode(preprocessor, texts, labels, order)
+
+    def build(method):
+        task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+        if method == "hrp":
+            keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank, rank_allocation="uniform")
+        else:
+            task.backbone.enable_lora(args.rank)
+        task.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return task
+
+    return build, {"x": x, "y": y}
+
+
+def fit(method, args, build, data):
     """`{phase: seconds}` and the wall time of one fit of `method`."""
-    x, y = data
     keras.utils.set_random_seed(0)
-    task = keras_hub.models.TextClassifier.from_preset(preset, num_classes=2, preprocessor=None)
+    model = build(method)
     timer = timing.StepTimer()  # first: its step ends before the switch runs
     callbacks = [timer]
     if method == "hrp":
-        keras_hrp.enable_hrp(task, rank=args.rank, preheat_rank=args.preheat_rank, rank_allocation="uniform")
         callbacks.append(keras_hrp.HRPCallback(args.preheat_steps, verbose=0))
-    else:
-        task.backbone.enable_lora(args.rank)
-    task.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"],
-                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     start = time.perf_counter()
-    keras.Model.fit(task, x, y, batch_size=args.batch_size, epochs=1, callbacks=callbacks, verbose=0)
+    keras.Model.fit(model, **data, batch_size=args.batch_size, epochs=1, callbacks=callbacks, verbose=0)
     wall = time.perf_counter() - start
     steps = np.asarray(timer.seconds)
     first_main = args.preheat_steps if method == "hrp" else 0
@@ -72,11 +116,13 @@ def write_markdown(args, results, path):
     lines = [
         f"# Whole run: HRP against random-init LoRA ({backend})",
         "",
-        f"`KERAS_BACKEND={backend} python benchmarks/bench_wholerun.py{' --quick' if args.quick else ''}`",
+        f"`KERAS_BACKEND={backend} python benchmarks/bench_wholerun.py --model {args.model}"
+        f"{' --quick' if args.quick else ''}`",
         "",
-        f"{timing.machine(backend, keras.__version__)}. all-MiniLM-L6-v2, {args.steps} steps of "
-        f"{args.batch_size} x {args.seq_len} tokens, LoRA rank {args.rank} on q/v; HRP: {args.preheat_steps} steps "
-        f"at rank {args.preheat_rank}, then the switch. Medians of {args.repeats} fits each, order alternating.",
+        f"{timing.machine(backend, keras.__version__)}. {MODELS[args.model]}, {args.steps} steps of "
+        f"{args.batch_size} x {args.seq_len} tokens, LoRA rank {args.rank} on {TARGETS[args.model]}; HRP: "
+        f"{args.preheat_steps} steps at rank {args.preheat_rank}, then the switch ({ALLOCATION[args.model]}). "
+        f"Medians of {args.repeats} fit(s) each, order alternating.",
         "",
         "| phase | random-init LoRA s | HRP s |",
         "|---|---|---|",
@@ -98,35 +144,35 @@ def write_markdown(args, results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SETTINGS), default="minilm")
     parser.add_argument("--quick", action="store_true", help="tiny setting: checks the pipeline in a minute")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--preheat-steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="default: the recipe's (200 minilm, 80 smollm)")
+    parser.add_argument("--preheat-steps", type=int, help="default: the recipe's (20 minilm, 10 smollm)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preheat-rank", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, help="default: the recipe's (32 minilm, 8 smollm)")
+    parser.add_argument("--seq-len", type=int, help="default: the recipe's (48 minilm, 64 smollm)")
+    parser.add_argument("--repeats", type=int, help="default: 3 minilm, 1 smollm")
     parser.add_argument("--cache", default=".data")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.preheat_steps, args.batch_size, args.repeats = 12, 4, 8, 1
+    defaults = (12, 4, 8, 32, 1) if args.quick else SETTINGS[args.model]
+    for name, value in zip(("steps", "preheat_steps", "batch_size", "seq_len", "repeats"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
-        preset = recipe.default_preset()
-        texts, labels = recipe.movie_reviews(args.cache)
+        build, data = prepare(args)
     except recipe.SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, sequence_length=args.seq_len)
-    order = np.resize(np.random.default_rng(0).permutation(len(texts)), args.steps * args.batch_size)
-    data = recipe.encode(preprocessor, texts, labels, order)
     results = {"random": [], "hrp": []}
     for repeat in range(args.repeats):
         for method in ("random", "hrp") if repeat % 2 == 0 else ("hrp", "random"):
-            results[method].append(fit(method, args, preset, data))
+            results[method].append(fit(method, args, build, data))
             print(f"{method:6s} {results[method][-1]['wall']:.1f} s {results[method][-1]['phases']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    name = f"wholerun_{keras.backend.backend()}{'_quick' if args.quick else ''}"
+    model = "" if args.model == "minilm" else f"_{args.model}"
+    name = f"wholerun_{keras.backend.backend()}{model}{'_quick' if args.quick else ''}"
     write_markdown(args, results, os.path.join(args.out, f"{name}.md"))
     print(f"wrote {args.out}/{name}.md")
     return 0
