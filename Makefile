@@ -7,7 +7,7 @@ BACKEND ?= jax
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo minilm toy test bench clean
+.PHONY: install demo minilm toy test docs bench clean
 
 $(STAMP): requirements-ci.txt requirements-model.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ minilm: $(STAMP)
 toy: $(STAMP)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python examples/toy_regression.py
 
+# The documentation site (docs/, mkdocs.yml) into site/; warnings (a broken link, a
+# docstring whose Args drift from the signature) fail the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
 # The suite once per backend (the backend is fixed at import), the three side by
 # side (one thread each; logs printed when all end), then the keras.distribution
-# tests on JAX with 4 virtual CPU devices.
+# tests on JAX with 4 virtual CPU devices, then the docs build.
 test: $(STAMP)
 	@status=0; logs=$$(mktemp -d); pids=""; \
 	for backend in torch tensorflow jax; do \
@@ -45,6 +50,8 @@ test: $(STAMP)
 	echo "=== KERAS_BACKEND=jax, 4 virtual devices"; \
 	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \
 	  $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/test_distribution.py || status=1; \
+	echo "=== mkdocs build --strict"; \
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q || status=1; \
 	exit $$status
 
 # Quick versions of every benchmark (minutes); the full settings drop --quick.

@@ -164,3 +164,54 @@ def weights_by_path(model):
 def logits_loss():
     """Classification loss for the tests' heads, which output logits."""
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+# Stand-ins for the KerasHub presets that the README and docs name, so their code blocks run offline.
+STANDIN_WORDS = sorted(set(
+    "a an the film movie was is and too far long dull gripping beautiful boring loved hated it i what".split()))
+
+
+def tiny_bert_preset(directory):
+    """Writes a 2-layer BERT backbone and its tokenizer as a KerasHub preset
+    at `directory`: the shape of `bert_tiny_en_uncased`, smaller."""
+    import keras_hub
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + STANDIN_WORDS
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(words), num_layers=2, num_heads=2, hidden_dim=64,
+        intermediate_dim=128, max_sequence_length=512,
+    )
+    backbone.save_to_preset(directory)
+    keras_hub.models.BertTokenizer(vocabulary=words).save_to_preset(directory)
+    return directory
+
+
+def _byte_symbols():
+    """The 256 byte-level BPE symbols (GPT-2's printable stand-ins for bytes)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def tiny_llama3_preset(directory):
+    """Writes a 2-layer Llama 3 backbone and a byte-level BPE tokenizer as a
+    KerasHub preset at `directory`: the shape of `llama3.2_instruct_1b`, smaller."""
+    import keras_hub
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    words = special + _byte_symbols() + ["Ġt", "he", "Ġthe"]
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=len(words), num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=64,
+    )
+    backbone.save_to_preset(directory)
+    tokenizer = keras_hub.models.Llama3Tokenizer(
+        vocabulary={word: i for i, word in enumerate(words)}, merges=["Ġ t", "h e", "Ġt he"])
+    tokenizer.save_to_preset(directory)
+    return directory
