@@ -66,7 +66,10 @@ def save_adapters(model, path):
 
     Example:
 
-    >>> keras_hrp.save_adapters(backbone, "movie.adapters.npz")
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="proj")], name="net")
+    >>> _ = keras_hrp.enable_hrp(model, rank=2, target_layer_names=["proj"])
+    >>> keras_hrp.save_adapters(model, "proj.adapters.npz")
+    >>> keras_hrp.load_adapters(model, "proj.adapters.npz")  # any backend, into the same set-up
     """
     owner = "save_adapters"
     _check_model(owner, model)
@@ -216,6 +219,17 @@ def load_adapters(model, path):
     Args:
         model: a built Keras model with the same architecture.
         path: a file written by `save_adapters`.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> keras_hrp.save_adapters(model, "proj.adapters.npz")
+    >>> fresh = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> keras_hrp.load_adapters(fresh, "proj.adapters.npz")
+    >>> fresh.layers[0].hrp_phase  # a preheating file: a later HRPCallback preheats on
+    'preheat'
     """
     owner = "load_adapters"
     _check_model(owner, model)
@@ -304,5 +318,13 @@ def revive_adapters(model):
 
     Returns:
         The paths of the revived layers.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="proj")], name="net")
+    >>> model.get_layer("proj").enable_lora(2)
+    >>> _ = model.get_layer("proj").lora_kernel_a.assign(np.zeros((16, 2)))  # as Keras' load leaves it
+    >>> keras_hrp.revive_adapters(model)
+    ['net/proj']
     """
     return [path for path, layer in lora_layers(model).items() if lora.revive(layer)]

@@ -98,7 +98,7 @@ class HRPCallback(keras.callbacks.Callback):
     ... ])
     >>> model.compile("adam", "mse")
     >>> x, y = np.ones((64, 64)), np.zeros((64, 64))
-    >>> model.fit(x, y, epochs=5, callbacks=[keras_hrp.HRPCallback(verbose=0)], verbose=0)
+    >>> _ = model.fit(x, y, epochs=5, callbacks=[keras_hrp.HRPCallback(verbose=0)], verbose=0)
     >>> model.layers[0].hrp_phase
     'main'
     """

@@ -568,8 +568,11 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
 
     Example:
 
-    >>> model.save("run.keras")            # model prepared with enable_hrp
-    >>> restored = keras_hrp.load_model("run.keras")
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8)])
+    >>> model.save("run.keras")  # HRPDense keeps its phase; enable_hrp layers too
+    >>> keras_hrp.load_model("run.keras").layers[0].hrp_phase
+    'preheat'
     """
     filepath = settings.path("load_model", "filepath", filepath)
     model = keras.saving.load_model(

@@ -260,9 +260,16 @@ def enable_hrp(
 
     Example:
 
-    >>> backbone = keras_hub.models.BertBackbone.from_preset(path)
-    >>> keras_hrp.enable_hrp(backbone, rank=4, preheat_rank=32)
-    >>> model.fit(x, y, callbacks=[keras_hrp.HRPCallback(100)])
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="proj")], name="net")
+    >>> [layer.name for layer in keras_hrp.enable_hrp(
+    ...     model, rank=2, preheat_rank=8, target_layer_names=["proj"])]
+    ['proj']
+    >>> model.compile("adam", "mse")
+    >>> x, y = np.ones((32, 16)), np.zeros((32, 8))
+    >>> _ = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+    ...               callbacks=[keras_hrp.HRPCallback(4, verbose=0)])
+    >>> model.get_layer("proj").hrp_state.phase
+    'main'
     """
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)

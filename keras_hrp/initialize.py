@@ -179,8 +179,10 @@ def initialize_lora(
 
     Example:
 
-    >>> model.backbone.enable_lora(8)
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="proj")], name="net")
+    >>> model.get_layer("proj").enable_lora(2)
     >>> keras_hrp.initialize_lora(model, "pissa")
+    ['net/proj']
     """
     settings.choice(OWNER, "method", method, METHODS)
     settings.choice(OWNER, "svd", svd, SVD_METHODS)

@@ -56,7 +56,7 @@ def svd_of_product(a, b, rank=None):
 
     >>> a = np.random.randn(512, 16); b = np.random.randn(16, 256)
     >>> u, s, v = svd_of_product(a, b, rank=4)
-    >>> u.shape, s.shape, v.shape
+    >>> tuple(u.shape), tuple(s.shape), tuple(v.shape)
     ((512, 4), (4,), (256, 4))
     """
     a = _as_matrix(a, "a")
@@ -103,7 +103,7 @@ def randomized_svd(w, rank, oversample=8, power_iterations=2, seed=None):
     Example:
 
     >>> u, s, v = randomized_svd(np.random.randn(2048, 1024), rank=8)
-    >>> u.shape, s.shape, v.shape
+    >>> tuple(u.shape), tuple(s.shape), tuple(v.shape)
     ((2048, 8), (8,), (1024, 8))
     """
     import keras
@@ -137,6 +137,12 @@ def truncated_svd(w, rank, method="auto", seed=None):
 
     Returns:
         `(u, s, v)` shaped as `svd_of_product` returns them.
+
+    Example:
+
+    >>> u, s, v = truncated_svd(np.diag([3.0, 2.0, 1.0]), rank=2)
+    >>> np.round(np.asarray(s), 4).tolist()
+    [3.0, 2.0]
     """
     w = _as_matrix(w, "w")
     m, n = w.shape

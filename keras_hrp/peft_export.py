@@ -208,7 +208,11 @@ def export_peft(model, directory, base_model_name_or_path=None, family="bert", b
 
     Example:
 
-    >>> keras_hrp.export_peft(classifier, "movies-peft", "sentence-transformers/all-MiniLM-L6-v2")
+    >>> classifier = keras_hub.models.TextClassifier.from_preset(path, num_classes=2)
+    >>> _ = keras_hrp.enable_hrp(classifier, rank=4)
+    >>> config = keras_hrp.export_peft(classifier, "movies-peft", "google/bert_uncased_L-2_H-128_A-2")
+    >>> config["r"], config["task_type"]  # per-head rank 4 in 2 heads: standard rank 8
+    (8, 'SEQ_CLS')
     """
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)

@@ -192,8 +192,12 @@ def import_peft(model, directory, family="bert"):
 
     Example:
 
+    >>> trained = keras_hub.models.TextClassifier.from_preset(path, num_classes=2)
+    >>> _ = keras_hrp.enable_hrp(trained, rank=4)
+    >>> _ = keras_hrp.export_peft(trained, "movies-peft")  # or any PEFT adapter directory
     >>> classifier = keras_hub.models.TextClassifier.from_preset(path, num_classes=2)
-    >>> keras_hrp.import_peft(classifier, "movies-peft")
+    >>> len(keras_hrp.import_peft(classifier, "movies-peft"))  # q and v of 2 blocks
+    4
     """
     if not isinstance(model, keras.Model):
         settings.fail(OWNER, "`model` must be a Keras model", error=TypeError, model=model)

@@ -17,7 +17,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     Example:
 
     >>> schedule = LinearWarmup(1e-3, warmup_steps=10)
-    >>> float(schedule(0))  # 1e-4 on the first step
+    >>> round(float(schedule(0)), 8)  # 1e-4 on the first step (float32)
     0.0001
     """
 

@@ -36,6 +36,14 @@ class HRPState:
         rank_budget: the trainable adapter parameters the switch spends
             over every `auto_rank` layer of the model (the same in each), or
             `None`: those of `rank` on each.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> state = model.layers[0].hrp_state
+    >>> state.phase, state.rank, state.preheat_rank
+    ('preheat', 2, 8)
     """
 
     rank: int
@@ -91,7 +99,15 @@ def layer_state(layer):
 
 
 def hrp_layers(model, phase=None):
-    """The HRP-managed layers of `model` (optionally only those in `phase`)."""
+    """The HRP-managed layers of `model` (optionally only those in `phase`).
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> [layer.name for layer in keras_hrp.hrp_layers(model, phase="preheat")]
+    ['proj']
+    """
     found = [layer for layer in internals.all_layers(model) if layer_state(layer) is not None]
     return [layer for layer in found if phase is None or layer.hrp_state.phase == phase]
 

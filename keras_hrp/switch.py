@@ -62,6 +62,14 @@ class WeightSnapshot:
 
     Args:
         model: a built Keras model.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> snapshot = keras_hrp.WeightSnapshot(model)  # before the preheat
+    >>> len(snapshot.to_arrays())  # the bias: the frozen kernel is not copied
+    1
     """
 
     def __init__(self, model):
@@ -117,7 +125,18 @@ class LayerSwitch:
 class SwitchReport(dict):
     """Per layer path, a `LayerSwitch`; `seconds` is the switch's wall time,
     `reason` why the preheat ended and `checks` an automatic preheat's
-    checks (`keras_hrp.auto_preheat.Check`)."""
+    checks (`keras_hrp.auto_preheat.Check`).
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8, name="proj")])
+    >>> model.compile("adam", "mse")
+    >>> _ = model.fit(np.ones((32, 16)), np.zeros((32, 8)), verbose=0)
+    >>> report = keras_hrp.switch_to_main(model)
+    >>> [item.to_rank for item in report.values()], report.fallbacks
+    ([2], {})
+    """
 
     seconds = 0.0
     reason = ""
@@ -321,9 +340,14 @@ def switch_to_main(model, snapshot=None, init="directions", warmup_steps=0):
 
     Example:
 
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)), keras_hrp.HRPDense(8, rank=2, preheat_rank=8)])
+    >>> model.compile("adam", "mse")
     >>> snapshot = keras_hrp.WeightSnapshot(model)
-    >>> ...  # preheat: a few training steps
+    >>> _ = model.fit(np.ones((32, 16)), np.zeros((32, 8)), verbose=0)  # the preheat
     >>> report = keras_hrp.switch_to_main(model, snapshot)
+    >>> model.layers[0].lora_rank, report.fallbacks
+    (2, {})
     """
     owner = "switch_to_main"
     if not isinstance(model, keras.layers.Layer):

@@ -1,17 +1,28 @@
-"""Every code block of the README and the docs pages runs as written.
+"""Every code block of the README and the docs pages, and every docstring
+example of the package, runs as written.
 
 Python blocks run in order, one namespace per page, in a fresh working
 directory; a KerasHub preset a block names is replaced by a tiny stand-in
 written from config (no download). A block whose first line is
 `# requires: <modules>` runs only where those modules import. Shell blocks:
 every `make` target they name exists, and every script they run is there.
+Docstring examples run as doctests, with `keras`, `keras_hub`, `np` and
+`keras_hrp` imported and `path` a tiny BERT preset.
 """
 
+import doctest
+import importlib
 import importlib.util
+import io
 import os
+import pkgutil
 import re
 
+import keras
+import numpy as np
 import pytest
+
+import keras_hrp
 
 from tests import helpers
 
@@ -23,6 +34,9 @@ STANDINS = {
     "bert_tiny_en_uncased": helpers.tiny_bert_preset,
     "llama3.2_instruct_1b": helpers.tiny_llama3_preset,
 }
+
+
+MODULES = sorted(info.name for info in pkgutil.walk_packages(keras_hrp.__path__, "keras_hrp."))
 
 
 def blocks(page):
@@ -73,3 +87,34 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
         for name, directory in presets.items():
             code = code.replace(f'"{name}"', repr(directory))
         exec(compile(code, f"{page}, block {i + 1}", "exec"), namespace)
+
+
+def _doctests(module):
+    return [t for t in doctest.DocTestFinder().find(module, module.__name__) if t.examples]
+
+
+def test_public_names_have_docstring_examples():
+    undocumented = [name for name in dir(keras_hrp) if not name.startswith("_")
+                    and not isinstance(getattr(keras_hrp, name), type(keras_hrp))
+                    and "Example:" not in (getattr(keras_hrp, name).__doc__ or "")]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name, tmp_path, monkeypatch):
+    module = importlib.import_module(name)
+    tests = _doctests(module)
+    if not tests:
+        pytest.skip(f"{name} has no docstring example")
+    monkeypatch.chdir(tmp_path)
+    extra = {"keras": keras, "np": np, "keras_hrp": keras_hrp}
+    if any("keras_hub" in example.source for test in tests for example in test.examples):
+        import keras_hub
+
+        extra.update(keras_hub=keras_hub, path=helpers.tiny_bert_preset(str(tmp_path / "preset")))
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out = io.StringIO()
+    for test in tests:
+        test.globs.update(extra)
+        runner.run(test, out=out.write)
+    assert runner.failures == 0, out.getvalue()
